@@ -1,0 +1,33 @@
+# The README's two commands: `make demo` and `make test`. Both bootstrap .venv when missing.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow dvc-yaml dagster clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	/usr/bin/time -v $(BIN)/tokenline run all --profile cpu 2> demo-time.log || (cat demo-time.log; exit 1)
+	@grep -E "Elapsed|Maximum resident" demo-time.log
+	@echo "Outputs: data/<dataset>/  Reports: data/reports/<dataset>/  MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+dvc-yaml: $(STAMP)
+	$(BIN)/tokenline dvc-yaml > dvc.yaml
+
+dagster: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dagster dev -m orchestration.definitions
+
+clean:
+	rm -rf data/*/ models/*/ mlruns.db mlartifacts demo-time.log

@@ -1,0 +1,5 @@
+"""`python -m tokenline` runs the CLI."""
+
+from tokenline.cli import main
+
+main()

@@ -1,0 +1,224 @@
+"""Typed params: params.yaml, then the chosen profile, then `--set key=value` overrides."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SOURCE_SCHEMES = ("openmoji", "shapes", "imagefolder", "webdataset", "coco")
+
+
+class ConfigError(ValueError):
+    """Params that fail validation; the message names the offending key."""
+
+
+class Section(BaseModel):
+    """Base for every params section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetSpec(Section):
+    """One named dataset: where its records come from and source options."""
+
+    source: str
+    size: int | None = Field(None, gt=0)  # shapes: number of images
+    seed: int = 0
+    license: str | None = None  # for sources whose records carry none
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme, _, arg = value.partition(":")
+        if scheme not in SOURCE_SCHEMES:
+            raise ValueError(f"unknown source {scheme!r}; expected one of {', '.join(SOURCE_SCHEMES)}")
+        if scheme in ("imagefolder", "webdataset", "coco") and not arg:
+            raise ValueError(f"source {scheme!r} needs an argument: {scheme}:...")
+        if scheme == "coco" and "," not in arg:
+            raise ValueError("coco source is coco:ANNOTATIONS_JSON,IMAGE_DIR")
+        return value
+
+
+class DataParams(Section):
+    """Image size and record limit shared by every data stage."""
+
+    resolution: int = Field(64, ge=8, le=2048)
+    limit: int | None = Field(None, gt=0)
+
+
+class ValidateParams(Section):
+    """Bounds of the validation suite."""
+
+    min_side: int = Field(16, ge=1)
+    max_side: int = Field(16384, ge=1)
+    max_aspect: float = Field(4.0, ge=1.0)
+    max_caption_chars: int = Field(1000, ge=1)
+    require_caption: bool = True
+    min_accept_rate: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class ShardParams(Section):
+    """Webdataset shard size and the deterministic train/val split."""
+
+    samples_per_shard: int = Field(1000, ge=1)
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+
+
+class CaptionParams(Section):
+    """Which captioner writes the captions, and its options."""
+
+    captioner: Literal["metadata", "template", "model"] = "metadata"
+    template: str = "{caption}"
+    model: str | None = None
+    max_new_tokens: int = Field(30, ge=1)
+
+    @model_validator(mode="after")
+    def _model_needs_path(self) -> "CaptionParams":
+        if self.captioner == "model" and not self.model:
+            raise ValueError("captioner 'model' needs captions.model (a local path or hub name)")
+        return self
+
+
+class TrackingParams(Section):
+    """MLflow tracking switches."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "tokenline"
+    contact_sheet: int = Field(64, ge=1, le=1024)
+
+
+class Params(Section):
+    """The resolved params of one profile."""
+
+    profile: str
+    datasets: dict[str, DatasetSpec]
+    active_datasets: list[str]
+    data: DataParams = DataParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    shards: ShardParams = ShardParams()
+    captions: CaptionParams = CaptionParams()
+    tracking: TrackingParams = TrackingParams()
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _active_are_defined(self) -> "Params":
+        for name in self.active_datasets:
+            if name not in self.datasets:
+                raise ValueError(f"active_datasets names {name!r}, which datasets does not define")
+        return self
+
+    def dataset(self, name: str) -> DatasetSpec:
+        """The spec of dataset `name`, or an error listing the known ones."""
+        if name not in self.datasets:
+            known = ", ".join(sorted(self.datasets))
+            raise ConfigError(
+                f"dataset {name!r} is not defined (known: {known}); define it in params.yaml "
+                f"or with --set datasets.{name}.source=..."
+            )
+        return self.datasets[name]
+
+    def section(self, key: str) -> Any:
+        """The plain-data value of a top-level params key, as stored in manifests."""
+        dumped = self.model_dump(mode="json", by_alias=True)
+        return dumped[key]
+
+    def slice_hash(self, keys: list[str], dataset: str) -> str:
+        """Hash of the params a stage depends on, for staleness checks."""
+        sliced = {key: self.section(key) for key in keys}
+        sliced["dataset"] = self.datasets[dataset].model_dump(mode="json")
+        blob = json.dumps(sliced, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def project_root() -> Path:
+    """The folder holding params.yaml: the working directory or one of its parents."""
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "params.yaml").exists():
+            return folder
+    return here
+
+
+def _deep_merge(base: dict, patch: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, _, raw = text.partition("=")
+    # YAML gives numbers, booleans, null and lists their types; anything else stays a string.
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, (dict,)) or (":" in raw and not isinstance(value, list)):
+        value = raw  # "imagefolder:/x" is a string, not a mapping
+    return key.strip().split("."), value
+
+
+def _apply_override(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"{key}: {item['msg']}")
+    return "invalid params: " + "; ".join(lines)
+
+
+def load_params(
+    path: Path | str | None = None,
+    profile: str | None = None,
+    overrides: list[str] | None = None,
+    dataset: str | None = None,
+) -> Params:
+    """Load params.yaml, apply a profile and `key=value` overrides, and validate.
+
+    With `dataset`, that dataset becomes the only active one; a name params do not define
+    is created from the overrides (`datasets.NAME.source=...`).
+    """
+    path = Path(path) if path else project_root() / "params.yaml"
+    if not path.exists():
+        raise ConfigError(f"params file {path} does not exist")
+    document = yaml.safe_load(path.read_text()) or {}
+    profiles = document.pop("profiles", {}) or {}
+    chosen = profile or document.get("profile") or "cpu"
+    if chosen not in profiles:
+        raise ConfigError(f"profile {chosen!r} is not defined in {path} (known: {', '.join(profiles)})")
+    tree = _deep_merge(document, profiles[chosen] or {})
+    tree["profile"] = chosen
+    for text in overrides or []:
+        key_path, value = _parse_override(text)
+        _apply_override(tree, key_path, value)
+    if dataset:
+        tree["active_datasets"] = [dataset]
+    try:
+        params = Params.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_format_error(error)) from None
+    if dataset:
+        params.dataset(dataset)
+    return params

@@ -1,0 +1,173 @@
+"""THE stage registry. The CLI, dvc.yaml and the Dagster assets are all built from STAGES.
+
+Adding a stage is one `Stage(...)` entry below plus its function. A stage function takes a
+`StageContext`, reads its inputs by path, writes into the (temporary) output folders it is
+given, and returns a `StageResult`. The runner handles atomic renames, manifests, reports,
+freshness and MLflow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image
+
+from tokenline.config import Params
+
+# Every stage's manifest and DVC entry include these keys: they pick and shape the profile.
+ALWAYS_PARAMS = ("profile", "datasets", "active_datasets")
+
+
+# --------------------------------------------------------------------------------------
+# Registry types
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the lineage: what it reads, writes and depends on."""
+
+    name: str
+    func: Callable[["StageContext"], "StageResult"]
+    area: str  # folder under src/tokenline/ and the Dagster asset group
+    description: str
+    inputs: tuple[str, ...] = ()  # names of upstream outputs
+    outputs: tuple[str, ...] = ()  # folders data/<dataset>/<output>
+    params: tuple[str, ...] = ()  # top-level params sections the stage reads
+    report: bool = False  # writes data/reports/<dataset>/<name>.json (DVC metrics)
+
+
+@dataclass
+class StageResult:
+    """What a stage returns: counts and metrics for manifests, samples for previews."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    report: dict[str, Any] | None = None  # written to the stage's report file
+    samples: list[tuple[Image.Image, str]] = field(default_factory=list)  # (image, caption)
+
+
+@dataclass
+class StageContext:
+    """Everything a stage function may touch: params, its dataset and its paths."""
+
+    stage: Stage
+    params: Params
+    dataset: str
+    root: Path
+    inputs: dict[str, Path]  # output name -> committed upstream folder
+    outputs: dict[str, Path]  # output name -> temporary folder to fill
+
+    @property
+    def spec(self):
+        """The dataset's spec from params."""
+        return self.params.dataset(self.dataset)
+
+
+# --------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------
+
+
+def output_path(root: Path, dataset: str, output: str) -> Path:
+    """Where an output folder lives."""
+    return Path(root) / "data" / dataset / output
+
+
+def report_path(root: Path, dataset: str, stage: str) -> Path:
+    """Where a stage's report JSON lives (read by DVC metrics and Dagster)."""
+    return Path(root) / "data" / "reports" / dataset / f"{stage}.json"
+
+
+def samples_path(root: Path, dataset: str, stage: str) -> Path:
+    """Where a stage's contact sheet PNG lives."""
+    return Path(root) / "data" / "reports" / dataset / f"{stage}.png"
+
+
+# --------------------------------------------------------------------------------------
+# The stages
+# --------------------------------------------------------------------------------------
+
+
+def _build_registry() -> list[Stage]:
+    # Imported here so `import tokenline.pipeline` stays cheap for tools that only list stages.
+    from tokenline.data import stages as data_stages
+
+    return [
+        Stage(
+            name="raw",
+            func=data_stages.raw,
+            area="data",
+            description="Pull the dataset's source into data/<dataset>/raw: image files exactly "
+            "as offered, raw caption bytes and a record table.",
+            outputs=("raw",),
+            params=("data",),
+        ),
+        Stage(
+            name="validate",
+            func=data_stages.validate,
+            area="data",
+            description="Great Expectations suite over the record table: each record accepted "
+            "(normalized) or quarantined in data/<dataset>/rejects with its reason.",
+            inputs=("raw",),
+            outputs=("validated", "rejects"),
+            params=("data", "validate"),
+            report=True,
+        ),
+        Stage(
+            name="shards",
+            func=data_stages.shards,
+            area="data",
+            description="Webdataset tar shards (image + .txt + .json) with a deterministic "
+            "train/val split by key hash.",
+            inputs=("validated",),
+            outputs=("shards",),
+            params=("data", "shards"),
+        ),
+        Stage(
+            name="captions",
+            func=data_stages.captions,
+            area="data",
+            description="Captions keyed by sample key from the configured captioner "
+            "(metadata, template or model), with the captioner recorded.",
+            inputs=("shards",),
+            outputs=("captions",),
+            params=("captions",),
+        ),
+    ]
+
+
+STAGES: list[Stage] = _build_registry()
+STAGE_BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}
+PRODUCER: dict[str, Stage] = {output: stage for stage in STAGES for output in stage.outputs}
+
+
+def get_stage(name: str) -> Stage:
+    """The registered stage `name`, or an error listing the known stages."""
+    if name not in STAGE_BY_NAME:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_BY_NAME)}")
+    return STAGE_BY_NAME[name]
+
+
+def upstream_stages(stage: Stage) -> list[Stage]:
+    """The stages producing `stage`'s inputs, directly."""
+    return list(dict.fromkeys(PRODUCER[name] for name in stage.inputs))
+
+
+def stage_closure(stage: Stage) -> list[Stage]:
+    """`stage` and everything upstream of it, in registry (topological) order."""
+    needed = {stage.name}
+    frontier = [stage]
+    while frontier:
+        for parent in upstream_stages(frontier.pop()):
+            if parent.name not in needed:
+                needed.add(parent.name)
+                frontier.append(parent)
+    return [s for s in STAGES if s.name in needed]
+
+
+def params_keys(stage: Stage) -> list[str]:
+    """Every top-level params key a stage depends on."""
+    return list(dict.fromkeys((*ALWAYS_PARAMS, *stage.params)))
