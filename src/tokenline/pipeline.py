@@ -26,6 +26,16 @@ ALWAYS_PARAMS = ("profile", "datasets", "active_datasets")
 
 
 @dataclass(frozen=True)
+class AssetCheck:
+    """A check on a stage's output, run by Dagster after each materialization."""
+
+    name: str
+    output: str  # which of the stage's outputs it checks
+    description: str
+    func: Callable[[Path, dict, Params], tuple[bool, dict]]  # (root, manifest, params) -> (passed, metadata)
+
+
+@dataclass(frozen=True)
 class Stage:
     """One step of the lineage: what it reads, writes and depends on."""
 
@@ -37,6 +47,7 @@ class Stage:
     outputs: tuple[str, ...] = ()  # folders data/<dataset>/<output>
     params: tuple[str, ...] = ()  # top-level params sections the stage reads
     report: bool = False  # writes data/reports/<dataset>/<name>.json (DVC metrics)
+    checks: tuple[AssetCheck, ...] = ()
 
 
 @dataclass
@@ -93,6 +104,7 @@ def samples_path(root: Path, dataset: str, stage: str) -> Path:
 
 def _build_registry() -> list[Stage]:
     # Imported here so `import tokenline.pipeline` stays cheap for tools that only list stages.
+    from tokenline.data import checks as data_checks
     from tokenline.data import stages as data_stages
 
     return [
@@ -115,6 +127,11 @@ def _build_registry() -> list[Stage]:
             outputs=("validated", "rejects"),
             params=("data", "validate"),
             report=True,
+            checks=(
+                AssetCheck("counts_add_up", "validated", "total = accepted + rejected", data_checks.counts_add_up),
+                AssetCheck("accept_rate", "validated", "accepted / total >= validate.min_accept_rate", data_checks.accept_rate),
+                AssetCheck("rejects_have_reasons", "rejects", "every quarantined record names a reason", data_checks.rejects_have_reasons),
+            ),
         ),
         Stage(
             name="shards",

@@ -1,0 +1,1 @@
+"""tokenline's Dagster code location: assets built from the stage registry (no ML logic here)."""

@@ -1,0 +1,95 @@
+"""One Dagster multi-asset per registry stage: an asset per output, partitioned by dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetKey,
+    AssetSpec,
+    AssetsDefinition,
+    MaterializeResult,
+    MetadataValue,
+    StaticPartitionsDefinition,
+    multi_asset,
+)
+from PIL import Image
+
+from tokenline.contact_sheet import markdown_image
+from tokenline.pipeline import STAGES, Stage, output_path, report_path, samples_path
+from tokenline.runner import run_with_upstream
+
+
+def asset_key(output: str) -> AssetKey:
+    """The asset key of a registry output."""
+    return AssetKey([output])
+
+
+def _output_metadata(stage: Stage, output: str, manifest: dict, root: Path, dataset: str) -> dict:
+    metadata = {
+        "path": MetadataValue.path(str(output_path(root, dataset, output))),
+        "content_hash": manifest["content_hash"],
+        "params_hash": manifest["params_hash"],
+        "wall_time_s": manifest["wall_time_s"],
+        "git_commit": manifest.get("git_commit") or "unknown",
+        **{f"count_{key}": int(value) for key, value in manifest["counts"].items()},
+        **{key: float(value) for key, value in manifest["metrics"].items()},
+    }
+    if stage.report and report_path(root, dataset, stage.name).exists():
+        metadata["report"] = MetadataValue.json(json.loads(report_path(root, dataset, stage.name).read_text()))
+    sheet = samples_path(root, dataset, stage.name)
+    if sheet.exists():
+        with Image.open(sheet) as image:
+            metadata["samples"] = MetadataValue.md(markdown_image(image.convert("RGB"), f"{stage.name} samples"))
+    return metadata
+
+
+def build_stage_asset(stage: Stage, partitions: StaticPartitionsDefinition) -> AssetsDefinition:
+    """The multi-asset that materializes every output of `stage` for one dataset."""
+    specs = [
+        AssetSpec(
+            key=asset_key(output),
+            deps=[asset_key(name) for name in stage.inputs],
+            description=f"{stage.description} (data/<dataset>/{output})",
+            group_name=stage.area,
+            kinds={"tokenline"},
+            partitions_def=partitions,
+        )
+        for output in stage.outputs
+    ]
+    check_specs = [
+        AssetCheckSpec(check.name, asset=asset_key(check.output), description=check.description)
+        for check in stage.checks
+    ]
+
+    @multi_asset(
+        name=stage.name,
+        specs=specs,
+        check_specs=check_specs,
+        partitions_def=partitions,
+        required_resource_keys={"tokenline"},
+        description=stage.description,
+    )
+    def _materialize(context):  # no annotation: the string form confuses Dagster
+        dataset = context.partition_key
+        resource = context.resources.tokenline
+        params = resource.params(dataset)
+        root = Path(resource.root)
+        # Dagster orders the assets itself, so only this stage runs here.
+        (outcome,) = run_with_upstream(stage, params, dataset, root, upstream=False, force=True)
+        for output, manifest in outcome.manifests.items():
+            yield MaterializeResult(asset_key=asset_key(output), metadata=_output_metadata(stage, output, manifest, root, dataset))
+        for check in stage.checks:
+            passed, metadata = check.func(root, outcome.manifests[check.output], params)
+            yield AssetCheckResult(asset_key=asset_key(check.output), check_name=check.name, passed=passed, metadata=metadata)
+
+    return _materialize
+
+
+def build_assets(datasets: list[str]) -> list[AssetsDefinition]:
+    """Every registry stage as a multi-asset over the dataset partitions."""
+    partitions = StaticPartitionsDefinition(datasets)
+    return [build_stage_asset(stage, partitions) for stage in STAGES]
