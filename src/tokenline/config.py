@@ -118,11 +118,7 @@ class Params(Section):
     def dataset(self, name: str) -> DatasetSpec:
         """The spec of dataset `name`, or an error listing the known ones."""
         if name not in self.datasets:
-            known = ", ".join(sorted(self.datasets))
-            raise ConfigError(
-                f"dataset {name!r} is not defined (known: {known}); define it in params.yaml "
-                f"or with --set datasets.{name}.source=..."
-            )
+            raise ConfigError(_unknown_dataset(name, self.datasets))
         return self.datasets[name]
 
     def section(self, key: str) -> Any:
@@ -136,6 +132,13 @@ class Params(Section):
         sliced["dataset"] = self.datasets[dataset].model_dump(mode="json")
         blob = json.dumps(sliced, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _unknown_dataset(name: str, known: dict) -> str:
+    return (
+        f"dataset {name!r} is not defined (known: {', '.join(sorted(known))}); define it in "
+        f"params.yaml or with --set datasets.{name}.source=..."
+    )
 
 
 def project_root() -> Path:
@@ -214,11 +217,11 @@ def load_params(
         key_path, value = _parse_override(text)
         _apply_override(tree, key_path, value)
     if dataset:
+        if dataset not in (tree.get("datasets") or {}):
+            raise ConfigError(_unknown_dataset(dataset, tree.get("datasets") or {}))
         tree["active_datasets"] = [dataset]
     try:
         params = Params.model_validate(tree)
     except ValidationError as error:
         raise ConfigError(_format_error(error)) from None
-    if dataset:
-        params.dataset(dataset)
     return params

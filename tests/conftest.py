@@ -1,0 +1,35 @@
+"""Shared fixtures: an isolated project folder per test, tiny params, no stray MLflow store."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tokenline.config import load_params
+from tokenline.pipeline import get_stage
+from tokenline.runner import run_with_upstream
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(tmp_path_factory, monkeypatch):
+    """Point MLflow at a throwaway SQLite store shared by the session."""
+    store = tmp_path_factory.getbasetemp() / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A project folder holding a copy of the repo's params.yaml."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    return tmp_path
+
+
+def run_stage(root: Path, stage: str, dataset: str, *overrides: str, tracking: bool = False, **kwargs):
+    """Run `stage` (and stale upstream stages) on `dataset` with the tiny profile."""
+    sets = [*overrides] + ([] if tracking else ["tracking.enabled=false"])
+    params = load_params(root / "params.yaml", profile="tiny", overrides=sets, dataset=dataset)
+    return run_with_upstream(get_stage(stage), params, dataset, root, **kwargs)

@@ -1,0 +1,54 @@
+"""Params: profiles, overrides, and errors that name the bad key."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenline.config import ConfigError, load_params
+
+
+def test_profiles_layer_over_defaults(project):
+    tiny = load_params(project / "params.yaml", profile="tiny")
+    cpu = load_params(project / "params.yaml", profile="cpu")
+    assert tiny.data.resolution == 32 and tiny.datasets["shapes"].size == 48
+    assert cpu.data.resolution == 64 and cpu.datasets["shapes"].size == 2000
+    assert tiny.active_datasets == cpu.active_datasets == ["openmoji", "shapes"]
+
+
+def test_set_overrides_are_typed(project):
+    params = load_params(project / "params.yaml", profile="tiny", overrides=["data.limit=7", "validate.max_aspect=2.5", "tracking.enabled=false"])
+    assert params.data.limit == 7 and params.validate_.max_aspect == 2.5 and params.tracking.enabled is False
+
+
+@pytest.mark.parametrize(
+    "override,named",
+    [
+        ("data.resolutoin=64", "data.resolutoin"),
+        ("data.resolution=big", "data.resolution"),
+        ("captions.captioner=gpt", "captions.captioner"),
+        ("datasets.openmoji.source=ftp:x", "datasets.openmoji.source"),
+        ("shards.val_fraction=1.5", "shards.val_fraction"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(project, override, named):
+    with pytest.raises(ConfigError) as error:
+        load_params(project / "params.yaml", profile="tiny", overrides=[override])
+    assert named in str(error.value)
+
+
+def test_unknown_profile_and_dataset(project):
+    with pytest.raises(ConfigError, match="profile 'huge'"):
+        load_params(project / "params.yaml", profile="huge")
+    with pytest.raises(ConfigError, match="dataset 'nope' is not defined"):
+        load_params(project / "params.yaml", profile="tiny", dataset="nope")
+
+
+def test_dataset_created_from_set_keys(project, tmp_path):
+    params = load_params(project / "params.yaml", profile="tiny", overrides=[f"datasets.mine.source=imagefolder:{tmp_path}"], dataset="mine")
+    assert params.active_datasets == ["mine"]
+    assert params.dataset("mine").source == f"imagefolder:{tmp_path}"
+
+
+def test_model_captioner_needs_a_model(project):
+    with pytest.raises(ConfigError, match="captions"):
+        load_params(project / "params.yaml", profile="tiny", overrides=["captions.captioner=model"])

@@ -1,0 +1,99 @@
+"""Dagster: every registry stage is an asset; all of them materialize on tiny; the UI serves them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from dagster import AssetKey, DagsterInstance, materialize
+
+from conftest import REPO
+from orchestration.assets import build_assets
+from orchestration.resources import TokenlineResource
+from tokenline.pipeline import STAGES
+
+ALL_OUTPUTS = {output for stage in STAGES for output in stage.outputs}
+
+
+def test_definitions_load_with_every_output_as_an_asset(monkeypatch):
+    monkeypatch.setenv("TOKENLINE_PROFILE", "tiny")
+    from orchestration.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    assert {key.path[0] for key in graph.get_all_asset_keys()} == ALL_OUTPUTS
+    for stage in STAGES:
+        for output in stage.outputs:
+            node = graph.get(AssetKey([output]))
+            assert {key.path[0] for key in node.parent_keys} == set(stage.inputs)
+            assert node.group_name == stage.area
+            assert node.partitions_def.get_partition_keys() == ["openmoji", "shapes"]
+    check_names = {key.name for key in graph.asset_check_keys}
+    assert {"counts_add_up", "accept_rate", "rejects_have_reasons"} <= check_names
+
+
+@pytest.mark.parametrize("dataset", ["openmoji", "shapes"])
+def test_materialize_every_asset_on_tiny(project, dataset):
+    resource = TokenlineResource(root=str(project), profile="tiny", overrides=["tracking.enabled=false"])
+    result = materialize(
+        build_assets(["openmoji", "shapes"]),
+        resources={"tokenline": resource},
+        partition_key=dataset,
+        instance=DagsterInstance.ephemeral(),
+    )
+    assert result.success
+    materialized = {event.asset_key.path[0] for event in result.get_asset_materialization_events()}
+    assert materialized == ALL_OUTPUTS
+    checks = {evaluation.check_name: evaluation.passed for evaluation in result.get_asset_check_evaluations()}
+    assert checks == {"counts_add_up": True, "accept_rate": True, "rejects_have_reasons": True}
+    shards_event = next(e for e in result.get_asset_materialization_events() if e.asset_key.path == ["shards"])
+    metadata = shards_event.materialization.metadata
+    assert metadata["count_train"].value + metadata["count_val"].value == 48
+    assert metadata["samples"].value.startswith("![shards samples](data:image/png;base64,")
+    for output in ALL_OUTPUTS:
+        assert (project / "data" / dataset / output / "manifest.json").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_webserver_serves_the_asset_graph(tmp_path):
+    """Start the real dagster-webserver on loopback and read the asset graph over GraphQL."""
+    port = _free_port()
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "TOKENLINE_PROFILE": "tiny"}
+    webserver = os.path.join(os.path.dirname(sys.executable), "dagster-webserver")
+    process = subprocess.Popen(
+        [webserver, "-m", "orchestration.definitions", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    query = "{ assetNodes { assetKey { path } groupName dependencyKeys { path } } }"
+    try:
+        deadline = time.monotonic() + 120
+        nodes = None
+        while time.monotonic() < deadline and nodes is None:
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/graphql",
+                    data=json.dumps({"query": query}).encode(),
+                    headers={"Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    nodes = json.loads(response.read())["data"]["assetNodes"]
+            except (OSError, KeyError, TypeError):
+                time.sleep(1)
+        assert nodes is not None, "webserver did not answer within 120 s"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    graph = {node["assetKey"]["path"][0]: {dep["path"][0] for dep in node["dependencyKeys"]} for node in nodes}
+    assert set(graph) == ALL_OUTPUTS
+    assert graph["shards"] == {"validated"} and graph["validated"] == {"raw"}
