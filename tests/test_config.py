@@ -52,3 +52,14 @@ def test_dataset_created_from_set_keys(project, tmp_path):
 def test_model_captioner_needs_a_model(project):
     with pytest.raises(ConfigError, match="captions"):
         load_params(project / "params.yaml", profile="tiny", overrides=["captions.captioner=model"])
+
+
+def test_set_parses_lists_and_keeps_colon_values_as_strings(project):
+    params = load_params(
+        project / "params.yaml",
+        profile="tiny",
+        overrides=["active_datasets=[shapes]", "captions.template=time: {key}", "datasets.shapes.license=CC0: public"],
+    )
+    assert params.active_datasets == ["shapes"]
+    assert params.captions.template == "time: {key}"
+    assert params.datasets["shapes"].license == "CC0: public"

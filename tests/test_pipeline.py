@@ -93,3 +93,10 @@ def test_cli_bad_param_fails_before_work(project):
 def test_cli_unknown_stage(project):
     done = _cli("run", "nosuch", "--profile", "tiny", cwd=project)
     assert done.returncode == 2 and "unknown stage 'nosuch'" in done.stderr
+
+
+def test_cli_missing_folder_and_missing_input_are_clear(project, tmp_path):
+    gone = _cli("run", "raw", "--profile", "tiny", "--dataset", "x", "--set", f"datasets.x.source=imagefolder:{tmp_path / 'nope'}", cwd=project)
+    assert gone.returncode == 1 and "is not a folder" in gone.stderr
+    orphan = _cli("run", "shards", "--profile", "tiny", "--dataset", "shapes", "--no-upstream", cwd=project)
+    assert orphan.returncode == 1 and "has no manifest: run `tokenline run validate --dataset shapes` first" in orphan.stderr

@@ -46,7 +46,7 @@ def run(
 ) -> None:
     """Run STAGE (after any stale upstream stage) on every active dataset, or on --dataset."""
     from tokenline.pipeline import STAGES, get_stage
-    from tokenline.runner import run_with_upstream
+    from tokenline.runner import MissingInputError, run_with_upstream
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("great_expectations", "alembic", "mlflow"):
@@ -62,7 +62,12 @@ def run(
     for name in params.active_datasets:
         done: set[str] = set()
         for target in targets:
-            for outcome in run_with_upstream(target, params, name, root, upstream=upstream, force=force):
+            try:
+                outcomes = run_with_upstream(target, params, name, root, upstream=upstream, force=force)
+            except (MissingInputError, FileNotFoundError) as error:
+                typer.secho(f"error: {error}", fg="red", err=True)
+                raise typer.Exit(1)
+            for outcome in outcomes:
                 if outcome.stage in done:
                     continue
                 done.add(outcome.stage)

@@ -164,13 +164,14 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set expects key=value, got {text!r}")
     key, _, raw = text.partition("=")
-    # YAML gives numbers, booleans, null and lists their types; anything else stays a string.
+    # YAML gives numbers, booleans, null and lists their types. A value with a colon that is
+    # not a list stays a string: `imagefolder:/x` is a source, not a mapping or a time.
+    if ":" in raw and not raw.lstrip().startswith("["):
+        return key.strip().split("."), raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, (dict,)) or (":" in raw and not isinstance(value, list)):
-        value = raw  # "imagefolder:/x" is a string, not a mapping
     return key.strip().split("."), value
 
 

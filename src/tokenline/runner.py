@@ -12,6 +12,7 @@ from tokenline.artifacts import atomic_dir, atomic_write_bytes, atomic_write_jso
 from tokenline.config import Params
 from tokenline.contact_sheet import contact_sheet, png_bytes
 from tokenline.pipeline import (
+    PRODUCER,
     Stage,
     StageContext,
     StageResult,
@@ -51,7 +52,7 @@ def _input_hashes(stage: Stage, root: Path, dataset: str) -> dict[str, str]:
         if manifest is None:
             raise MissingInputError(
                 f"stage {stage.name!r} needs {output_path(root, dataset, name)}, which has no "
-                f"manifest: run `tokenline run {name} --dataset {dataset}` first"
+                f"manifest: run `tokenline run {PRODUCER[name].name} --dataset {dataset}` first"
             )
         hashes[name] = manifest["content_hash"]
     return hashes
