@@ -58,8 +58,11 @@ def test_set_parses_lists_and_keeps_colon_values_as_strings(project):
     params = load_params(
         project / "params.yaml",
         profile="tiny",
-        overrides=["active_datasets=[shapes]", "captions.template=time: {key}", "datasets.shapes.license=CC0: public"],
+        overrides=["active_datasets=[shapes]", "captions.template=time: {key}", "datasets.shapes.license=CC0: public", "captions.max_new_tokens=12"],
     )
+    assert params.captions.max_new_tokens == 12
     assert params.active_datasets == ["shapes"]
     assert params.captions.template == "time: {key}"
     assert params.datasets["shapes"].license == "CC0: public"
+    braces = load_params(project / "params.yaml", profile="tiny", overrides=["captions.template={caption}"])
+    assert braces.captions.template == "{caption}"

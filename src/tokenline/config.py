@@ -165,12 +165,15 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set expects key=value, got {text!r}")
     key, _, raw = text.partition("=")
     # YAML gives numbers, booleans, null and lists their types. A value with a colon that is
-    # not a list stays a string: `imagefolder:/x` is a source, not a mapping or a time.
+    # not a list stays a string (`imagefolder:/x` is a source, not a time), and so does one
+    # YAML would read as a mapping (`{caption}` is a template).
     if ":" in raw and not raw.lstrip().startswith("["):
         return key.strip().split("."), raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
+        value = raw
+    if isinstance(value, dict):
         value = raw
     return key.strip().split("."), value
 

@@ -6,22 +6,20 @@ import base64
 import io
 import math
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 
-def contact_sheet(images: list[Image.Image], cell: int = 64, background: str = "white") -> Image.Image:
-    """Paste up to len(images) thumbnails into a near-square grid of `cell`-pixel cells."""
+def contact_sheet(images: list[Image.Image], cell: int = 64, gutter: str = "#c8c8c8") -> Image.Image:
+    """Paste thumbnails into a near-square grid of `cell`-pixel cells with a thin gutter."""
     if not images:
         raise ValueError("contact_sheet needs at least one image")
     columns = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
-    sheet = Image.new("RGB", (columns * cell, rows * cell), background)
+    # White images on a white sheet would run together: a 1-pixel gutter frames each cell.
+    sheet = Image.new("RGB", (columns * cell + 1, rows * cell + 1), gutter)
     for index, image in enumerate(images):
-        thumb = image.convert("RGB")
-        thumb.thumbnail((cell, cell), Image.Resampling.LANCZOS)
-        x = (index % columns) * cell + (cell - thumb.width) // 2
-        y = (index // columns) * cell + (cell - thumb.height) // 2
-        sheet.paste(thumb, (x, y))
+        thumb = ImageOps.pad(image.convert("RGB"), (cell - 1, cell - 1), Image.Resampling.LANCZOS, color="white")
+        sheet.paste(thumb, ((index % columns) * cell + 1, (index // columns) * cell + 1))
     return sheet
 
 
