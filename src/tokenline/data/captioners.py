@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 from PIL import Image
@@ -73,6 +74,10 @@ class ModelCaptioner:
         self._pipeline = None
 
     def _load(self):
+        # An explicit path (/, ./, ~) must exist: never fall through to a hub lookup. A bare
+        # `org/name` is a hub name, for GPU boxes with network.
+        if self.model.startswith((".", "/", "~")) and not Path(self.model).expanduser().exists():
+            raise FileNotFoundError(f"captions.model: local model folder {self.model} does not exist")
         try:
             from transformers import pipeline
         except ImportError as error:
