@@ -1,0 +1,1 @@
+"""Evaluation: FID/KID features, reports."""
