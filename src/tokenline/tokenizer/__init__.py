@@ -1,0 +1,1 @@
+"""1D tokenizers: encoder, quantizers, decoder, training, token cache."""

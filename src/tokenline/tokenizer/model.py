@@ -1,0 +1,250 @@
+"""The 1D image tokenizer: a ViT reads image patches into K latent tokens, a quantizer
+squeezes them, and a second ViT paints every patch back from those K tokens alone.
+
+TiTok's layout, with TexTok's option of caption tokens in both encoder and decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from tokenline.tokenizer.quantizers import QUANTIZERS, CodebookQuantizer, QuantizerOutput, build_quantizer
+
+TOKEN_COUNTS = (16, 32, 64, 128)
+
+
+# -----------------------------------------------------------------------------
+# Config
+# -----------------------------------------------------------------------------
+
+@dataclass
+class TokenizerConfig:
+    """Everything needed to rebuild a Tokenizer1D; saved as config.json beside the weights."""
+
+    image_size: int = 64        # square image side in pixels
+    patch_size: int = 8         # patch side in pixels; divides image_size
+    channels: int = 3           # image channels
+    width: int = 192            # transformer width
+    depth: int = 4              # blocks in the encoder, and again in the decoder
+    heads: int = 3              # attention heads; divides width
+    num_tokens: int = 32        # K, latent tokens per image: 16, 32, 64 or 128
+    token_dim: int = 12         # D, latent width per token; small like TiTok's 12 so codes carry meaning
+    quantizer: str = "vq"       # vq | softvq | binary | kl
+    quantizer_options: dict[str, Any] = field(default_factory=dict)  # constructor options of the quantizer
+    codebook_size: int = 4096   # codes, for vq and softvq
+    text_dim: int = 0           # caption embedding width (e.g. 384); 0: no text conditioning
+    text_tokens: int = 32       # caption tokens that enter, at most; longer captions are cut
+    mlp_ratio: float = 4.0      # MLP hidden width / width
+    dropout: float = 0.0        # dropout in attention and MLP
+
+    def __post_init__(self):
+        if self.num_tokens not in TOKEN_COUNTS:
+            raise ValueError(f"num_tokens must be one of {TOKEN_COUNTS}, not {self.num_tokens}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size {self.patch_size} does not divide image_size {self.image_size}")
+        if self.width % self.heads:
+            raise ValueError(f"heads {self.heads} does not divide width {self.width}")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"unknown quantizer kind {self.quantizer!r}; choose one of: {', '.join(QUANTIZERS)}")
+        if self.text_dim < 0 or (self.text_dim and self.text_tokens < 1):
+            raise ValueError("text conditioning needs text_dim > 0 and text_tokens >= 1")
+
+    @property
+    def grid(self) -> int:
+        """Patches per image side."""
+        return self.image_size // self.patch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready fields."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TokenizerConfig:
+        """The config from to_dict's output; unknown fields are an error."""
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown tokenizer config fields: {sorted(unknown)}")
+        return cls(**values)
+
+
+# -----------------------------------------------------------------------------
+# Transformer
+# -----------------------------------------------------------------------------
+
+class Block(nn.Module):
+    """Pre-norm ViT block: self-attention, then an MLP, each around a residual."""
+
+    def __init__(self, c: TokenizerConfig):
+        super().__init__()
+        self.heads, self.dropout = c.heads, c.dropout
+        self.norm1 = nn.LayerNorm(c.width)
+        self.qkv = nn.Linear(c.width, 3 * c.width)
+        self.proj = nn.Linear(c.width, c.width)
+        self.norm2 = nn.LayerNorm(c.width)
+        hidden = int(c.width * c.mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(c.width, hidden), nn.GELU(), nn.Linear(hidden, c.width), nn.Dropout(c.dropout)
+        )
+
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """x [B, L, W]; keep [B, 1, 1, L] bool marks the keys that may be attended to."""
+        q, k, v = rearrange(self.qkv(self.norm1(x)), "b l (n h d) -> n b h l d", n=3, h=self.heads)
+        dropout = self.dropout if self.training else 0.0
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout)
+        x = x + self.proj(rearrange(attended, "b h l d -> b l (h d)"))
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """ViT blocks over [tokens ; caption tokens]; returns the tokens, caption tokens dropped."""
+
+    def __init__(self, c: TokenizerConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.depth))
+        self.norm = nn.LayerNorm(c.width)
+        if c.text_dim:
+            self.text_proj = nn.Linear(c.text_dim, c.width)
+            # Tells caption tokens from image tokens, and their order.
+            self.text_pos = nn.Parameter(torch.randn(c.text_tokens, c.width) * 0.02)
+
+    def forward(self, x: Tensor, text: tuple[Tensor, Tensor] | None) -> Tensor:
+        """x [B, L, W], text (states [B, T, text_dim], mask [B, T]) or None -> [B, L, W]."""
+        length, keep = x.shape[1], None
+        if text is not None:
+            states, mask = text
+            x = torch.cat([x, self.text_proj(states) + self.text_pos[: states.shape[1]]], dim=1)
+            # Padded caption tokens are never attended to, so their values cannot matter.
+            keep = torch.cat([mask.new_ones(len(x), length), mask], dim=1)[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, keep)
+        return self.norm(x[:, :length])
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+# -----------------------------------------------------------------------------
+
+class Tokenizer1D(nn.Module):
+    """Image <-> K 1D tokens: ViT encoder, quantizer, ViT decoder."""
+
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        c = self.config = config
+        patches = c.grid**2
+        # Encoder: patches plus K learned latent tokens that gather the image through attention.
+        self.patchify = nn.Conv2d(c.channels, c.width, c.patch_size, stride=c.patch_size)
+        self.patch_pos = nn.Parameter(torch.randn(patches, c.width) * 0.02)
+        self.latent_tokens = nn.Parameter(torch.randn(c.num_tokens, c.width) * 0.02)
+        self.encoder = Transformer(c)
+        self.to_latent = nn.Linear(c.width, c.token_dim)
+        options = dict(c.quantizer_options)
+        if issubclass(QUANTIZERS[c.quantizer], CodebookQuantizer):
+            options.setdefault("codebook_size", c.codebook_size)
+        self.quantizer = build_quantizer(c.quantizer, c.token_dim, **options)
+        # Decoder: the K latents, plus one mask token per patch position to paint that patch.
+        self.from_latent = nn.Linear(c.token_dim, c.width)
+        self.latent_pos = nn.Parameter(torch.randn(c.num_tokens, c.width) * 0.02)
+        self.mask_token = nn.Parameter(torch.randn(c.width) * 0.02)
+        self.mask_pos = nn.Parameter(torch.randn(patches, c.width) * 0.02)
+        self.decoder = Transformer(c)
+        self.to_pixels = nn.Linear(c.width, c.patch_size**2 * c.channels)
+        self.apply(_init_linear)
+
+    def _text(self, text, batch: int) -> tuple[Tensor, Tensor] | None:
+        """Check caption input and cut it to text_tokens: (states, bool mask) or None."""
+        c = self.config
+        if not c.text_dim:
+            if text is not None:
+                raise ValueError("this tokenizer has no text conditioning (text_dim=0); pass text=None")
+            return None
+        if text is None:
+            raise ValueError(
+                f"this tokenizer is text-conditioned (text_dim={c.text_dim}): pass text as "
+                f"(states [B, T, {c.text_dim}], mask [B, T]), {{'states': ..., 'mask': ...}} or a TextEncoding"
+            )
+        if isinstance(text, Mapping):
+            states, mask = text["states"] if "states" in text else text["tokens"], text["mask"]
+        elif hasattr(text, "tokens"):  # a tokenline.text TextEncoding
+            states, mask = text.tokens, text.mask
+        else:
+            states, mask = text
+        if states.ndim != 3 or states.shape[0] != batch or states.shape[2] != c.text_dim:
+            raise ValueError(f"text states must be [{batch}, T, {c.text_dim}], got {list(states.shape)}")
+        if mask.shape != states.shape[:2]:
+            raise ValueError(f"text mask must be {list(states.shape[:2])}, got {list(mask.shape)}")
+        return states[:, : c.text_tokens], mask[:, : c.text_tokens].bool()
+
+    def encode(self, images: Tensor, text=None) -> QuantizerOutput:
+        """Images [B, C, H, W] in [-1, 1] -> quantized K tokens."""
+        text = self._text(text, len(images))
+        x = rearrange(self.patchify(images), "b c h w -> b (h w) c") + self.patch_pos
+        latents = self.latent_tokens.expand(len(images), -1, -1)
+        x = self.encoder(torch.cat([x, latents], dim=1), text)
+        return self.quantizer(self.to_latent(x[:, -self.config.num_tokens :]))
+
+    def decode(self, latents: Tensor, text=None) -> Tensor:
+        """Latents [B, K, D] -> images [B, C, H, W] in [-1, 1]."""
+        c = self.config
+        text = self._text(text, len(latents))
+        x = self.from_latent(latents) + self.latent_pos
+        masks = (self.mask_token + self.mask_pos).expand(len(latents), -1, -1)
+        x = self.decoder(torch.cat([x, masks], dim=1), text)[:, c.num_tokens :]
+        patches = self.to_pixels(x)
+        images = rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=c.grid, p=c.patch_size, q=c.patch_size)
+        return torch.tanh(images)
+
+    def forward(self, images: Tensor, text=None) -> tuple[Tensor, QuantizerOutput]:
+        """Reconstruct images through the tokens: (reconstruction, quantizer output)."""
+        quantized = self.encode(images, text)
+        return self.decode(quantized.latents, text), quantized
+
+    def decode_codes(self, codes: Tensor, text=None) -> Tensor:
+        """Images from discrete codes (vq, softvq: [B, K] ids; binary: [B, K, D] bits)."""
+        return self.decode(self.quantizer.decode_codes(codes), text)
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        """Parameter count (codebook included)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    @classmethod
+    def from_checkpoint(cls, folder: str | Path) -> Tokenizer1D:
+        """Load a folder written by save_checkpoint, in eval mode."""
+        from tokenline.tokenizer.checkpoint import load_checkpoint  # it imports this module
+
+        return load_checkpoint(folder)
+
+
+def _init_linear(module: nn.Module) -> None:
+    """Xavier-uniform linear weights and zero biases (the ViT/DiT default)."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+# -----------------------------------------------------------------------------
+# Sizes
+# -----------------------------------------------------------------------------
+
+def Tokenizer_T(**overrides) -> Tokenizer1D:
+    """Tiny: tests."""
+    return Tokenizer1D(TokenizerConfig(**(dict(width=64, depth=2, heads=2) | overrides)))
+
+
+def Tokenizer_S(**overrides) -> Tokenizer1D:
+    """Small: the CPU demo."""
+    return Tokenizer1D(TokenizerConfig(**(dict(width=192, depth=4, heads=3) | overrides)))
+
+
+def Tokenizer_B(**overrides) -> Tokenizer1D:
+    """Base: GPU training (patch 16 as TiTok-B; pass image_size=256)."""
+    return Tokenizer1D(TokenizerConfig(**(dict(width=768, depth=12, heads=12, patch_size=16) | overrides)))
+
+
+TOKENIZER_SIZES = {"T": Tokenizer_T, "S": Tokenizer_S, "B": Tokenizer_B}
