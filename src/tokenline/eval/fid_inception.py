@@ -35,12 +35,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from tokenline.artifacts import atomic_write_bytes
 
 if TYPE_CHECKING:  # torchmetrics is imported lazily so importing this module stays cheap
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -179,18 +182,10 @@ def convert_fid_helper_weights(source: Path, target: Path) -> Path:
     if not source.is_file():
         raise FileNotFoundError(f"fid-helper weights not found: {source}")
     state_dict = _build_state_dict(source)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            # Plain dict of CPU tensors: torch-fidelity reads it with torch.load(path, weights_only=False).
-            torch.save(state_dict, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    # Plain dict of CPU tensors: torch-fidelity reads it with torch.load(path, weights_only=False).
+    torch.save(state_dict, buffer)
+    atomic_write_bytes(target, buffer.getvalue())
     return target
 
 

