@@ -1,0 +1,174 @@
+"""Tokenizer training: loss falls, EMA export, bit-exact resume, config guard, NaN stop, schedule."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import safetensors.torch
+import torch
+from conftest import REPO, run_stage
+
+from tokenline.tokenizer.model import TOKENIZER_SIZES, Tokenizer1D
+from tokenline.tokenizer.train import (
+    EMA,
+    EMA_WEIGHTS,
+    MODEL_WEIGHTS,
+    PROGRESS,
+    ShardImages,
+    TrainConfig,
+    cosine_with_warmup,
+    train_tokenizer,
+)
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    """Tiny 32 px shapes shards, built once by tokenline's own pipeline."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    run_stage(root, "shards", "shapes")
+    return root / "data" / "shapes" / "shards"
+
+
+def tiny_model(seed: int = 0, **overrides) -> Tokenizer1D:
+    torch.manual_seed(seed)
+    return TOKENIZER_SIZES["T"](**(dict(image_size=32, num_tokens=16) | overrides))
+
+
+# Frequent dead-code restarts draw from the torch RNG, so resuming must restore it too.
+RESTARTS = dict(quantizer_options={"restart_every": 3, "dead_after": 2})
+
+
+def config(**overrides) -> TrainConfig:
+    values = dict(steps=20, batch_size=8, lr=1e-3, weight_decay=1e-4, warmup_steps=4, min_lr_ratio=0.1,
+                  grad_clip=1.0, ema_decay=0.9, checkpoint_every=10, seed=0, log_every=1)
+    return TrainConfig(**(values | overrides))
+
+
+def test_loss_falls_and_checkpoint_is_the_ema(shard_dir, tmp_path):
+    losses = {}
+    result = train_tokenizer(tiny_model(), shard_dir, tmp_path, config(steps=40),
+                             log_fn=lambda step, metrics: losses.__setitem__(step, metrics))
+    assert result["steps"] == 40 and result["images_per_s"] > 0 and result["wall_time_s"] > 0
+    assert set(losses) == set(range(1, 41))
+    assert {"loss", "l1", "l2", "quantizer", "lr", "images_per_s"} <= set(losses[1])
+    first = sum(losses[s]["loss"] for s in range(1, 6)) / 5
+    last = sum(losses[s]["loss"] for s in range(36, 41)) / 5
+    assert last < 0.6 * first, (first, last)
+    assert result["final_loss"] == pytest.approx(losses[40]["loss"])
+
+    exported = Tokenizer1D.from_checkpoint(tmp_path / "checkpoint")
+    shadow = safetensors.torch.load_file(tmp_path / "state" / EMA_WEIGHTS)
+    params = dict(exported.named_parameters())
+    assert shadow.keys() == params.keys()
+    for name, tensor in shadow.items():
+        assert torch.equal(params[name].detach(), tensor), name
+    # The EMA lags the raw weights, so the export really is the shadow and not the model.
+    raw = safetensors.torch.load_file(tmp_path / "state" / MODEL_WEIGHTS)
+    assert any(not torch.equal(raw[name], shadow[name]) for name in shadow)
+    assert json.loads((tmp_path / "state" / PROGRESS).read_text())["step"] == 40
+
+
+def test_resume_matches_a_straight_run(shard_dir, tmp_path):
+    straight = tiny_model(**RESTARTS)
+    train_tokenizer(straight, shard_dir, tmp_path / "straight", config())
+
+    # Crash the second run at step 13: the state folder holds step 10, the run goes on from there.
+    def crash(step, metrics):
+        if step == 13:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(tiny_model(**RESTARTS), shard_dir, tmp_path / "resumed", config(), log_fn=crash)
+    assert json.loads((tmp_path / "resumed" / "state" / PROGRESS).read_text())["step"] == 10
+    # A fresh, differently initialized model: everything must come from the state folder.
+    resumed = tiny_model(seed=123, **RESTARTS)
+    result = train_tokenizer(resumed, shard_dir, tmp_path / "resumed", config(), resume=True)
+    assert result["steps"] == 20
+
+    a, b = straight.state_dict(), resumed.state_dict()
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), rtol=0, atol=1e-6), name
+    for folder in ("state", "checkpoint"):
+        name = EMA_WEIGHTS if folder == "state" else "model.safetensors"
+        ema_a = safetensors.torch.load_file(tmp_path / "straight" / folder / name)
+        ema_b = safetensors.torch.load_file(tmp_path / "resumed" / folder / name)
+        for key in ema_a:
+            assert torch.allclose(ema_a[key].float(), ema_b[key].float(), rtol=0, atol=1e-6), key
+
+
+def test_resume_refuses_a_changed_config(shard_dir, tmp_path):
+    train_tokenizer(tiny_model(), shard_dir, tmp_path, config(steps=4, checkpoint_every=4))
+    with pytest.raises(ValueError, match=r"train\.lr") as error:
+        train_tokenizer(tiny_model(), shard_dir, tmp_path, config(steps=6, lr=5e-4), resume=True)
+    assert "train.steps" not in str(error.value)
+    result = train_tokenizer(tiny_model(), shard_dir, tmp_path, config(steps=6, lr=5e-4), resume=True, force=True)
+    assert result["steps"] == 6
+    # Extending `steps` alone is what resuming is for: no force needed.
+    assert train_tokenizer(tiny_model(), shard_dir, tmp_path, config(steps=8, lr=5e-4), resume=True)["steps"] == 8
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_state(shard_dir, tmp_path):
+    model = tiny_model()
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] == 7:  # the 7th training forward is step 7
+                return output * float("nan")
+        return None
+
+    model.to_pixels.register_forward_hook(poison)
+    with pytest.raises(FloatingPointError, match=r"step 7\b"):
+        train_tokenizer(model, shard_dir, tmp_path, config(steps=20, checkpoint_every=5))
+    progress = json.loads((tmp_path / "state" / PROGRESS).read_text())
+    assert progress["step"] == 5
+    loaded = Tokenizer1D.from_checkpoint(tmp_path / "checkpoint")
+    assert all(torch.isfinite(p).all() for p in loaded.parameters())
+    # The good state resumes cleanly (the poison hook is not on this fresh model).
+    assert train_tokenizer(tiny_model(), shard_dir, tmp_path, config(steps=8, checkpoint_every=5), resume=True)["steps"] == 8
+
+
+def test_cosine_schedule_warmup_and_floor():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = cosine_with_warmup(optimizer, warmup=4, total=20, min_ratio=0.1)
+    lrs = []
+    for _ in range(21):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert lrs[20] == pytest.approx(0.1)
+
+
+def test_ema_with_decay_zero_equals_the_model():
+    model = tiny_model()
+    ema = EMA(model, decay=0.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    copy = tiny_model(seed=5)
+    ema.copy_to(copy)
+    for (name, a), b in zip(model.named_parameters(), copy.parameters()):
+        assert torch.equal(a, b), name
+    ema.load_state_dict({k: torch.zeros_like(v) for k, v in ema.state_dict().items()})
+    assert all((v == 0).all() for v in ema.state_dict().values())
+
+
+def test_shard_images_order_is_deterministic_and_skippable(shard_dir):
+    data = ShardImages(shard_dir, seed=3)
+    n = len(data)
+    stream = iter(data)
+    keys = [next(stream)[1] for _ in range(2 * n + 5)]
+    assert sorted(keys[:n]) == sorted(data.keys) and keys[:n] != keys[n : 2 * n]  # a new order per epoch
+    image, _ = next(iter(data))
+    assert image.dtype == torch.float32 and image.shape == (3, 32, 32)
+    assert -1.0 <= image.min() and image.max() <= 1.0
+    skipped = iter(ShardImages(shard_dir, seed=3, start=n + 2))
+    assert [next(skipped)[1] for _ in range(n)] == keys[n + 2 : 2 * n + 2]
