@@ -23,7 +23,7 @@ from tokenline.text import (
     build_text_encoder,
     default_minilm_path,
 )
-from tokenline.text import encoder as encoder_module
+from tokenline import artifacts as artifacts_module
 
 LONG = "a much longer caption about many things, with a dog, a cat and a red bicycle in the park"
 ODD_CAPTIONS = [
@@ -220,7 +220,7 @@ def test_cache_crash_while_writing_leaves_no_half_cache(tmp_path, monkeypatch):
     def crash(src, dst):
         raise OSError("simulated crash")
 
-    monkeypatch.setattr(encoder_module.os, "replace", crash)
+    monkeypatch.setattr(artifacts_module.os, "replace", crash)  # the cache writes through artifacts
     with pytest.raises(OSError, match="simulated crash"):
         TextEmbeddingCache(tmp_path, FakeEncoder()).encode(["lost"])
     monkeypatch.undo()

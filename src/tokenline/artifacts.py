@@ -61,9 +61,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def hash_file(path: Path, digest: "hashlib._Hash | None" = None) -> str:
+def hash_file(path: Path) -> str:
     """SHA-256 of one file's bytes."""
-    digest = digest or hashlib.sha256()
+    digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)

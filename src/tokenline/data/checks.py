@@ -32,9 +32,9 @@ def accept_rate(root: Path, manifest: dict, params: Params) -> tuple[bool, dict]
 
 def rejects_have_reasons(root: Path, manifest: dict, params: Params) -> tuple[bool, dict]:
     """The quarantine lists a non-empty reason for every record in it."""
+    from tokenline.data.stages import read_jsonl
     from tokenline.pipeline import output_path
 
-    reasons_file = output_path(root, manifest["dataset"], "rejects") / "reasons.jsonl"
-    rows = [json.loads(line) for line in reasons_file.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(output_path(root, manifest["dataset"], "rejects") / "reasons.jsonl")
     missing = [row["key"] for row in rows if not row.get("reason")]
     return not missing, {"quarantined": len(rows), "without_reason": len(missing)}

