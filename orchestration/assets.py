@@ -19,7 +19,7 @@ from dagster import (
 from PIL import Image
 
 from tokenline.contact_sheet import markdown_image
-from tokenline.pipeline import STAGES, Stage, output_path, report_path, samples_path
+from tokenline.pipeline import STAGES, Stage, output_path, output_relpath, report_path, samples_path
 from tokenline.runner import run_with_upstream
 
 
@@ -53,7 +53,7 @@ def build_stage_asset(stage: Stage, partitions: StaticPartitionsDefinition) -> A
         AssetSpec(
             key=asset_key(output),
             deps=[asset_key(name) for name in stage.inputs],
-            description=f"{stage.description} (data/<dataset>/{output})",
+            description=f"{stage.description} ({output_relpath('<dataset>', output)})",
             group_name=stage.area,
             kinds={"tokenline"},
             partitions_def=partitions,

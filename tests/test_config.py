@@ -28,6 +28,14 @@ def test_set_overrides_are_typed(project):
         ("captions.captioner=gpt", "captions.captioner"),
         ("datasets.openmoji.source=ftp:x", "datasets.openmoji.source"),
         ("shards.val_fraction=1.5", "shards.val_fraction"),
+        ("tokenizer.quantizer=fsq", "tokenizer.quantizer"),
+        ("tokenizer.num_tokens=24", "tokenizer.num_tokens"),
+        ("tokenizer.train.lr=fast", "tokenizer.train.lr"),
+        ("tokenizer.train.bogus=1", "tokenizer.train.bogus"),
+        ("tokenizer.train.loss.l1=-1", "tokenizer.train.loss"),
+        ("tokenizer.model.image_size=32", "data.resolution"),
+        ("tokenizer.model.heads=5", "tokenizer"),
+        ("recon_eval.min_code_usage=2", "recon_eval.min_code_usage"),
     ],
 )
 def test_bad_values_fail_naming_the_key(project, override, named):
@@ -66,3 +74,22 @@ def test_set_parses_lists_and_keeps_colon_values_as_strings(project):
     assert params.datasets["shapes"].license == "CC0: public"
     braces = load_params(project / "params.yaml", profile="tiny", overrides=["captions.template={caption}"])
     assert braces.captions.template == "{caption}"
+
+
+def test_params_quantizer_names_are_the_registered_quantizers():
+    from tokenline.config import QUANTIZER_NAMES
+    from tokenline.tokenizer.quantizers import QUANTIZERS
+
+    assert set(QUANTIZER_NAMES) == set(QUANTIZERS)
+
+
+def test_tokenizer_config_follows_size_and_params(project):
+    from tokenline.tokenizer.spec import tokenizer_config
+
+    params = load_params(project / "params.yaml", profile="tiny", overrides=["tokenizer.quantizer=binary", "tokenizer.model.width=96"])
+    config = tokenizer_config(params, text_dim=384)
+    assert (config.width, config.depth, config.heads) == (96, 2, 2)  # size T, width overridden
+    assert config.image_size == params.data.resolution == 32 and config.quantizer == "binary"
+    assert config.text_dim == 0  # text_conditioning is off, whatever the encoder's width
+    conditioned = load_params(project / "params.yaml", profile="tiny", overrides=["tokenizer.text_conditioning=true"])
+    assert tokenizer_config(conditioned, text_dim=384).text_dim == 384

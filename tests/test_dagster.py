@@ -16,7 +16,7 @@ from dagster import AssetKey, DagsterInstance, materialize
 from conftest import REPO
 from orchestration.assets import build_assets
 from orchestration.resources import TokenlineResource
-from tokenline.pipeline import STAGES
+from tokenline.pipeline import STAGES, output_path
 
 ALL_OUTPUTS = {output for stage in STAGES for output in stage.outputs}
 
@@ -34,7 +34,7 @@ def test_definitions_load_with_every_output_as_an_asset(monkeypatch):
             assert node.group_name == stage.area
             assert node.partitions_def.get_partition_keys() == ["openmoji", "shapes"]
     check_names = {key.name for key in graph.asset_check_keys}
-    assert {"counts_add_up", "accept_rate", "rejects_have_reasons"} <= check_names
+    assert {"counts_add_up", "accept_rate", "rejects_have_reasons", "finite_weights", "rfid_below_threshold", "code_usage"} <= check_names
 
 
 @pytest.mark.parametrize("dataset", ["openmoji", "shapes"])
@@ -50,13 +50,16 @@ def test_materialize_every_asset_on_tiny(project, dataset):
     materialized = {event.asset_key.path[0] for event in result.get_asset_materialization_events()}
     assert materialized == ALL_OUTPUTS
     checks = {evaluation.check_name: evaluation.passed for evaluation in result.get_asset_check_evaluations()}
-    assert checks == {"counts_add_up": True, "accept_rate": True, "rejects_have_reasons": True}
+    assert checks == {name: True for name in (
+        "counts_add_up", "accept_rate", "rejects_have_reasons", "finite_weights", "rfid_below_threshold", "code_usage",
+    )}
     shards_event = next(e for e in result.get_asset_materialization_events() if e.asset_key.path == ["shards"])
     metadata = shards_event.materialization.metadata
     assert metadata["count_train"].value + metadata["count_val"].value == 48
     assert metadata["samples"].value.startswith("![shards samples](data:image/png;base64,")
     for output in ALL_OUTPUTS:
-        assert (project / "data" / dataset / output / "manifest.json").exists()
+        assert (output_path(project, dataset, output) / "manifest.json").exists()
+    assert (project / "models" / dataset / "tokenizer" / "model.safetensors").exists()
 
 
 def _free_port() -> int:

@@ -12,10 +12,13 @@ from conftest import REPO, run_stage
 
 from tokenline.tokenizer.model import TOKENIZER_SIZES, Tokenizer1D
 from tokenline.tokenizer.train import (
+    DISC_WEIGHTS,
     EMA,
     EMA_WEIGHTS,
     MODEL_WEIGHTS,
     PROGRESS,
+    LossConfig,
+    ResumeRefusedError,
     ShardImages,
     TrainConfig,
     cosine_with_warmup,
@@ -39,6 +42,8 @@ def tiny_model(seed: int = 0, **overrides) -> Tokenizer1D:
 
 # Frequent dead-code restarts draw from the torch RNG, so resuming must restore it too.
 RESTARTS = dict(quantizer_options={"restart_every": 3, "dead_after": 2})
+# The discriminator switches on before the crash point, so its weights and optimizer must resume too.
+EARLY_GAN = LossConfig(adversarial=0.5, adversarial_start=5)
 
 
 def config(**overrides) -> TrainConfig:
@@ -73,7 +78,7 @@ def test_loss_falls_and_checkpoint_is_the_ema(shard_dir, tmp_path):
 
 def test_resume_matches_a_straight_run(shard_dir, tmp_path):
     straight = tiny_model(**RESTARTS)
-    train_tokenizer(straight, shard_dir, tmp_path / "straight", config())
+    train_tokenizer(straight, shard_dir, tmp_path / "straight", config(loss=EARLY_GAN))
 
     # Crash the second run at step 13: the state folder holds step 10, the run goes on from there.
     def crash(step, metrics):
@@ -81,12 +86,17 @@ def test_resume_matches_a_straight_run(shard_dir, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_tokenizer(tiny_model(**RESTARTS), shard_dir, tmp_path / "resumed", config(), log_fn=crash)
+        train_tokenizer(tiny_model(**RESTARTS), shard_dir, tmp_path / "resumed", config(loss=EARLY_GAN), log_fn=crash)
     assert json.loads((tmp_path / "resumed" / "state" / PROGRESS).read_text())["step"] == 10
+    assert (tmp_path / "resumed" / "state" / DISC_WEIGHTS).is_file()
     # A fresh, differently initialized model: everything must come from the state folder.
     resumed = tiny_model(seed=123, **RESTARTS)
-    result = train_tokenizer(resumed, shard_dir, tmp_path / "resumed", config(), resume=True)
+    result = train_tokenizer(resumed, shard_dir, tmp_path / "resumed", config(loss=EARLY_GAN), resume=True)
     assert result["steps"] == 20
+    disc_a = safetensors.torch.load_file(tmp_path / "straight" / "state" / DISC_WEIGHTS)
+    disc_b = safetensors.torch.load_file(tmp_path / "resumed" / "state" / DISC_WEIGHTS)
+    for key in disc_a:
+        assert torch.allclose(disc_a[key], disc_b[key], rtol=0, atol=1e-6), key
 
     a, b = straight.state_dict(), resumed.state_dict()
     for name in a:
@@ -101,7 +111,7 @@ def test_resume_matches_a_straight_run(shard_dir, tmp_path):
 
 def test_resume_refuses_a_changed_config(shard_dir, tmp_path):
     train_tokenizer(tiny_model(), shard_dir, tmp_path, config(steps=4, checkpoint_every=4))
-    with pytest.raises(ValueError, match=r"train\.lr") as error:
+    with pytest.raises(ResumeRefusedError, match=r"train\.lr") as error:
         train_tokenizer(tiny_model(), shard_dir, tmp_path, config(steps=6, lr=5e-4), resume=True)
     assert "train.steps" not in str(error.value)
     result = train_tokenizer(tiny_model(), shard_dir, tmp_path, config(steps=6, lr=5e-4), resume=True, force=True)
@@ -172,3 +182,50 @@ def test_shard_images_order_is_deterministic_and_skippable(shard_dir):
     assert -1.0 <= image.min() and image.max() <= 1.0
     skipped = iter(ShardImages(shard_dir, seed=3, start=n + 2))
     assert [next(skipped)[1] for _ in range(n)] == keys[n + 2 : 2 * n + 2]
+
+
+def test_adversarial_terms_switch_on_after_the_warmup(shard_dir, tmp_path):
+    logged = {}
+    loss = LossConfig(adversarial=0.5, adversarial_start=3)
+    train_tokenizer(tiny_model(), shard_dir, tmp_path, config(steps=6, loss=loss),
+                    log_fn=lambda step, metrics: logged.__setitem__(step, metrics))
+    for step in (1, 2, 3):  # step s logs the s-th update, which ran at step index s - 1 < 3
+        assert "generator" not in logged[step] and "discriminator" not in logged[step]
+    for step in (4, 5, 6):
+        assert {"generator", "discriminator", "adaptive_weight"} <= set(logged[step])
+        assert logged[step]["adaptive_weight"] > 0
+    assert (tmp_path / "state" / DISC_WEIGHTS).is_file()
+
+
+def test_no_discriminator_when_its_weight_is_zero(shard_dir, tmp_path):
+    train_tokenizer(tiny_model(), shard_dir, tmp_path, config(steps=2, loss=LossConfig(adversarial=0.0, adversarial_start=0)))
+    assert not (tmp_path / "state" / DISC_WEIGHTS).exists()
+
+
+def test_processes_read_disjoint_halves_of_each_epoch(shard_dir):
+    whole = ShardImages(shard_dir, seed=1)
+    n = len(whole)
+    stream = iter(whole)
+    epoch = [next(stream)[1] for _ in range(n)]
+    halves = []
+    for rank in (0, 1):
+        part = iter(ShardImages(shard_dir, seed=1, rank=rank, world_size=2))
+        halves.append([next(part)[1] for _ in range((n - rank + 1) // 2)])
+    assert halves[0] == epoch[0::2] and halves[1] == epoch[1::2]
+    assert not set(halves[0]) & set(halves[1]) and set(halves[0]) | set(halves[1]) == set(epoch)
+    with pytest.raises(ValueError, match="rank 2"):
+        ShardImages(shard_dir, rank=2, world_size=2)
+
+
+def test_text_conditioned_training_needs_and_uses_captions(shard_dir, tmp_path):
+    model = tiny_model(text_dim=6, text_tokens=4)
+    with pytest.raises(ValueError, match="text_fn"):
+        train_tokenizer(model, shard_dir, tmp_path, config(steps=2))
+    seen = []
+
+    def text_fn(keys):
+        seen.extend(keys)
+        return torch.randn(len(keys), 4, 6), torch.ones(len(keys), 4, dtype=torch.bool)
+
+    train_tokenizer(model, shard_dir, tmp_path, config(steps=2), text_fn=text_fn)
+    assert len(seen) == 2 * 8

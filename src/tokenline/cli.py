@@ -41,12 +41,14 @@ def run(
     set_: list[str] = typer.Option([], "--set", "-s", help="override a param: key=value (repeatable)"),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="run on this dataset only"),
     upstream: bool = typer.Option(True, "--upstream/--no-upstream", help="first run upstream stages that are missing or stale"),
-    force: bool = typer.Option(False, "--force", help="run the named stage even when its outputs are fresh"),
+    force: bool = typer.Option(False, "--force", help="run the named stage even when its outputs are fresh; with --resume, resume despite a changed training config"),
+    resume: bool = typer.Option(False, "--resume", help="training stages: continue from the last state folder (optimizer, scheduler, EMA, RNG, data position)"),
     params_file: Optional[Path] = typer.Option(None, "--params", help="params file (default: ./params.yaml)"),
 ) -> None:
     """Run STAGE (after any stale upstream stage) on every active dataset, or on --dataset."""
     from tokenline.pipeline import STAGES, get_stage
     from tokenline.runner import MissingInputError, run_with_upstream
+    from tokenline.tokenizer.train import ResumeRefusedError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("great_expectations", "alembic", "mlflow"):
@@ -63,8 +65,8 @@ def run(
         done: set[str] = set()
         for target in targets:
             try:
-                outcomes = run_with_upstream(target, params, name, root, upstream=upstream, force=force)
-            except (MissingInputError, FileNotFoundError) as error:
+                outcomes = run_with_upstream(target, params, name, root, upstream=upstream, force=force, resume=resume)
+            except (MissingInputError, FileNotFoundError, ResumeRefusedError) as error:
                 typer.secho(f"error: {error}", fg="red", err=True)
                 raise typer.Exit(1)
             for outcome in outcomes:

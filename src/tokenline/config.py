@@ -11,6 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tokenline.tokenizer.train_config import TrainConfig
+
 SOURCE_SCHEMES = ("openmoji", "shapes", "imagefolder", "webdataset", "coco")
 
 
@@ -85,6 +87,52 @@ class CaptionParams(Section):
         return self
 
 
+# The quantizers of tokenline.tokenizer.quantizers (a test keeps the two lists equal); named
+# here so a wrong name fails at params validation, before torch is even imported.
+QUANTIZER_NAMES = ("vq", "softvq", "binary", "kl")
+
+
+class TokenizerParams(Section):
+    """The 1D tokenizer: size, tokens, quantizer, text conditioning and training."""
+
+    size: Literal["T", "S", "B"] = "S"  # a named size of tokenline.tokenizer.model (TOKENIZER_SIZES)
+    num_tokens: Literal[16, 32, 64, 128] = 32  # K, latent tokens per image
+    quantizer: Literal[QUANTIZER_NAMES] = "vq"  # type: ignore[valid-type]
+    model: dict[str, Any] = {}  # further TokenizerConfig fields (token_dim, codebook_size, width, ...)
+    text_conditioning: bool = False  # TexTok: caption tokens enter encoder and decoder
+    text_encoder: Literal["minilm", "openclip"] = "minilm"
+    text_encoder_path: str | None = None  # openclip: local weights file (never downloaded)
+    text_tokens: int = Field(32, ge=1, le=256)  # caption tokens kept per caption
+    train: TrainConfig = TrainConfig()
+
+    @field_validator("model")
+    @classmethod
+    def _no_reserved_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # These come from elsewhere in params; two places to set one value is a trap.
+        reserved = {"image_size": "data.resolution", "num_tokens": "tokenizer.num_tokens",
+                    "quantizer": "tokenizer.quantizer", "text_dim": "tokenizer.text_conditioning",
+                    "text_tokens": "tokenizer.text_tokens"}
+        for key in value:
+            if key in reserved:
+                raise ValueError(f"set {key} through {reserved[key]}, not tokenizer.model.{key}")
+        return value
+
+
+class TokensParams(Section):
+    """The token cache: encoding batch size."""
+
+    batch_size: int = Field(64, ge=1)
+
+
+class ReconEvalParams(Section):
+    """Reconstruction metrics on the val split, and the asset-check thresholds."""
+
+    max_samples: int | None = Field(None, gt=0)  # at most this many val images (null: all)
+    grid: int = Field(8, ge=1, le=64)  # originals/reconstructions pairs in the preview grid
+    max_rfid: float = Field(150.0, gt=0)  # Dagster check: rFID at most this
+    min_code_usage: float = Field(0.05, ge=0.0, le=1.0)  # Dagster check, discrete quantizers only
+
+
 class TrackingParams(Section):
     """MLflow tracking switches."""
 
@@ -105,6 +153,9 @@ class Params(Section):
     shards: ShardParams = ShardParams()
     captions: CaptionParams = CaptionParams()
     tracking: TrackingParams = TrackingParams()
+    tokenizer: TokenizerParams = TokenizerParams()
+    tokens: TokensParams = TokensParams()
+    recon_eval: ReconEvalParams = ReconEvalParams()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -113,6 +164,10 @@ class Params(Section):
         for name in self.active_datasets:
             if name not in self.datasets:
                 raise ValueError(f"active_datasets names {name!r}, which datasets does not define")
+        from tokenline.tokenizer.spec import tokenizer_config_values
+
+        # Sizes, patch and width must fit together; a bad combination fails here, by name.
+        tokenizer_config_values(self, text_dim=0, check=True)
         return self
 
     def dataset(self, name: str) -> DatasetSpec:

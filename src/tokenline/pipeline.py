@@ -44,10 +44,12 @@ class Stage:
     area: str  # folder under src/tokenline/ and the Dagster asset group
     description: str
     inputs: tuple[str, ...] = ()  # names of upstream outputs
-    outputs: tuple[str, ...] = ()  # folders data/<dataset>/<output>
+    outputs: tuple[str, ...] = ()  # folders data/<dataset>/<output> (models/<dataset>/<output> if in models)
     params: tuple[str, ...] = ()  # top-level params sections the stage reads
     report: bool = False  # writes data/reports/<dataset>/<name>.json (DVC metrics)
     checks: tuple[AssetCheck, ...] = ()
+    models: tuple[str, ...] = ()  # the outputs that are model checkpoints: they live under models/
+    code: tuple[str, ...] = ()  # source folders under src/tokenline/ it uses beyond its own area (DVC deps)
 
 
 @dataclass
@@ -70,6 +72,9 @@ class StageContext:
     root: Path
     inputs: dict[str, Path]  # output name -> committed upstream folder
     outputs: dict[str, Path]  # output name -> temporary folder to fill
+    tracker: Any = None  # tokenline.tracking StageTracker or NullTracker: live step metrics and images
+    resume: bool = False  # continue the stage's interrupted or shorter training run (`--resume`)
+    force: bool = False  # with resume: accept a changed training config (`--force`)
 
     @property
     def spec(self):
@@ -82,9 +87,20 @@ class StageContext:
 # --------------------------------------------------------------------------------------
 
 
+def output_relpath(dataset: str, output: str) -> str:
+    """An output folder relative to the project root: models/<dataset>/<output> for checkpoints, else data/."""
+    area = "models" if output in MODEL_OUTPUTS else "data"
+    return f"{area}/{dataset}/{output}"
+
+
 def output_path(root: Path, dataset: str, output: str) -> Path:
     """Where an output folder lives."""
-    return Path(root) / "data" / dataset / output
+    return Path(root) / output_relpath(dataset, output)
+
+
+def work_path(root: Path, dataset: str, stage: str) -> Path:
+    """A stage's resumable scratch folder (training state), beside its checkpoints; not an output."""
+    return Path(root) / "models" / dataset / f"{stage}.work"
 
 
 def report_path(root: Path, dataset: str, stage: str) -> Path:
@@ -106,6 +122,8 @@ def _build_registry() -> list[Stage]:
     # Imported here so `import tokenline.pipeline` stays cheap for tools that only list stages.
     from tokenline.data import checks as data_checks
     from tokenline.data import stages as data_stages
+    from tokenline.tokenizer import checks as tokenizer_checks
+    from tokenline.tokenizer import stages as tokenizer_stages
 
     return [
         Stage(
@@ -153,10 +171,53 @@ def _build_registry() -> list[Stage]:
             outputs=("captions",),
             params=("captions",),
         ),
+        Stage(
+            name="tokenizer",
+            func=tokenizer_stages.tokenizer,
+            area="tokenizer",
+            description="Train the 1D tokenizer (ViT encoder -> K tokens -> quantizer -> ViT decoder) "
+            "with accelerate; EMA weights as safetensors + config in models/<dataset>/tokenizer.",
+            inputs=("shards", "captions"),
+            outputs=("tokenizer",),
+            models=("tokenizer",),
+            code=("text",),
+            params=("data", "tokenizer"),
+            checks=(
+                AssetCheck("finite_weights", "tokenizer", "every tokenizer weight is finite", tokenizer_checks.finite_weights),
+            ),
+        ),
+        Stage(
+            name="tokens",
+            func=tokenizer_stages.tokens,
+            area="tokenizer",
+            description="Token cache: every shard encoded once into memory-mappable latents/codes "
+            "plus caption embeddings, keyed by the tokenizer checkpoint's hash.",
+            inputs=("tokenizer", "shards", "captions"),
+            outputs=("tokens",),
+            code=("text",),
+            params=("tokenizer", "tokens"),
+        ),
+        Stage(
+            name="recon_eval",
+            func=tokenizer_stages.recon_eval,
+            area="tokenizer",
+            description="Reconstruction metrics on the val split: PSNR, SSIM, rFID (offline FID "
+            "Inception), tokens and bits per image, code usage.",
+            inputs=("tokenizer", "shards", "captions"),
+            outputs=("recon_eval",),
+            code=("text", "eval"),
+            params=("tokenizer", "recon_eval"),
+            report=True,
+            checks=(
+                AssetCheck("rfid_below_threshold", "recon_eval", "rFID <= recon_eval.max_rfid", tokenizer_checks.rfid_below_threshold),
+                AssetCheck("code_usage", "recon_eval", "code usage >= recon_eval.min_code_usage (discrete quantizers)", tokenizer_checks.code_usage),
+            ),
+        ),
     ]
 
 
 STAGES: list[Stage] = _build_registry()
+MODEL_OUTPUTS: frozenset[str] = frozenset(output for stage in STAGES for output in stage.models)
 STAGE_BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}
 PRODUCER: dict[str, Stage] = {output: stage for stage in STAGES for output in stage.outputs}
 

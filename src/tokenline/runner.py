@@ -76,21 +76,32 @@ def staleness(stage: Stage, params: Params, dataset: str, root: Path) -> str | N
     return None
 
 
-def run_one(stage: Stage, params: Params, dataset: str, root: Path) -> StageRun:
-    """Run one stage on one dataset now, whatever its freshness."""
+def run_one(stage: Stage, params: Params, dataset: str, root: Path, resume: bool = False, force: bool = False) -> StageRun:
+    """Run one stage on one dataset now, whatever its freshness.
+
+    `resume` lets a training stage continue its last state folder (refused on a changed
+    training config unless `force`).
+    """
+    from tokenline.tracking import start_tracker
+
     root = Path(root)
     params.dataset(dataset)  # fails early, naming the dataset, if it is unknown
     input_hashes = _input_hashes(stage, root, dataset)
     inputs = {name: output_path(root, dataset, name) for name in stage.inputs}
     started = time.perf_counter()
     log.info("running %s on %s (profile %s)", stage.name, dataset, params.profile)
+    tracker = start_tracker(stage, params, dataset, root)
     with contextlib.ExitStack() as stack:
         temps = {
             name: stack.enter_context(atomic_dir(output_path(root, dataset, name)))
             for name in stage.outputs
         }
-        context = StageContext(stage, params, dataset, root, inputs, temps)
-        result = stage.func(context)
+        context = StageContext(stage, params, dataset, root, inputs, temps, tracker, resume, force)
+        try:
+            result = stage.func(context)
+        except BaseException:
+            tracker.fail()
+            raise
         wall_time = time.perf_counter() - started
         manifests = {}
         for name, temp in temps.items():
@@ -121,21 +132,20 @@ def run_one(stage: Stage, params: Params, dataset: str, root: Path) -> StageRun:
         images = [image for image, _ in result.samples[: params.tracking.contact_sheet]]
         sheet_file = samples_path(root, dataset, stage.name)
         atomic_write_bytes(sheet_file, png_bytes(contact_sheet(images)))
-    if params.tracking.enabled:
-        from tokenline.tracking import log_stage_run
-
-        log_stage_run(stage, params, dataset, root, result, manifests, sheet_file)
+    tracker.finish(result, manifests, sheet_file)
     log.info("%s on %s done in %.1fs: %s", stage.name, dataset, wall_time, result.counts)
     return StageRun(stage.name, dataset, skipped=False, manifests=manifests, result=result)
 
 
 def run_with_upstream(
-    stage: Stage, params: Params, dataset: str, root: Path, upstream: bool = True, force: bool = False
+    stage: Stage, params: Params, dataset: str, root: Path, upstream: bool = True, force: bool = False,
+    resume: bool = False,
 ) -> list[StageRun]:
     """Run `stage` after every upstream stage whose outputs are missing or stale.
 
     The named stage always runs unless it is fresh and `force` is off; `upstream=False`
-    runs only the named stage (DVC's way: DVC itself decides what is stale).
+    runs only the named stage (DVC's way: DVC itself decides what is stale). `resume`
+    applies to the named stage only.
     """
     runs = []
     chain = stage_closure(stage) if upstream else [stage]
@@ -148,5 +158,6 @@ def run_with_upstream(
             continue
         if reason:
             log.info("%s on %s: %s", step.name, dataset, reason)
-        runs.append(run_one(step, params, dataset, root))
+        named = step is stage
+        runs.append(run_one(step, params, dataset, root, resume=resume and named, force=force and named))
     return runs

@@ -1,9 +1,11 @@
-"""MLflow helpers: every stage run becomes a run with its params, counts and artifacts."""
+"""MLflow: every stage run becomes a run with its params, step metrics, counts and artifacts."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,45 +31,97 @@ def _flatten(prefix: str, value: Any, into: dict[str, str]) -> None:
         into[prefix] = str(value)[:6000]
 
 
-def _experiment_id(mlflow, params: Params, root: Path) -> str:
-    experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
+def _experiment_id(client, params: Params, uri: str) -> str:
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
     if experiment is not None:
         return experiment.experiment_id
     # A SQLite store has no artifact root of its own: keep artifacts beside the database.
     location = None
-    uri = mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-    return mlflow.create_experiment(params.tracking.experiment, artifact_location=location)
+    return client.create_experiment(params.tracking.experiment, artifact_location=location)
 
 
-def log_stage_run(stage, params: Params, dataset: str, root: Path, result, manifests: dict, sheet_file: Path | None) -> str:
-    """Log one stage run: params slice, counts and metrics, manifests, report and contact sheet."""
-    import mlflow
+class StageTracker:
+    """The MLflow run of one stage run: step metrics and images while it runs, the rest when it ends."""
 
-    mlflow.set_tracking_uri(tracking_uri(params, root))
-    experiment_id = _experiment_id(mlflow, params, root)
-    flat: dict[str, str] = {}
-    _flatten("", {key: params.section(key) for key in stage.params}, flat)
-    _flatten("dataset", params.dataset(dataset).model_dump(mode="json"), flat)
-    flat["profile"] = params.profile
-    numbers = {
-        key: float(value)
-        for key, value in {**result.counts, **result.metrics}.items()
-        if isinstance(value, (int, float))
-    }
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{stage.name}:{dataset}") as run:
-        mlflow.set_tags({"stage": stage.name, "dataset": dataset, "profile": params.profile, "area": stage.area})
-        mlflow.log_params(flat)
-        if numbers:
-            mlflow.log_metrics(numbers)
+    def __init__(self, stage, params: Params, dataset: str, root: Path):
+        from mlflow.tracking import MlflowClient
+
+        uri = tracking_uri(params, root)
+        self.client = MlflowClient(tracking_uri=uri)
+        self.stage, self.params, self.dataset = stage, params, dataset
+        flat: dict[str, str] = {}
+        _flatten("", {key: params.section(key) for key in stage.params}, flat)
+        _flatten("dataset", params.dataset(dataset).model_dump(mode="json"), flat)
+        flat["profile"] = params.profile
+        tags = {"stage": stage.name, "dataset": dataset, "profile": params.profile, "area": stage.area}
+        run = self.client.create_run(_experiment_id(self.client, params, uri), run_name=f"{stage.name}:{dataset}", tags=tags)
+        self.run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        items = [Param(key, value) for key, value in flat.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Log numbers at a training step (live: visible in the MLflow UI while the stage runs)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items() if math.isfinite(float(value))]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_image(self, image, artifact_file: str) -> None:
+        """Log a PIL image (a reconstruction grid, a contact sheet) as an artifact."""
+        self.client.log_image(self.run_id, image, artifact_file)
+
+    def finish(self, result, manifests: dict, sheet_file: Path | None) -> str:
+        """Log counts, final metrics, manifests, report and contact sheet; mark the run finished."""
+        numbers = {
+            key: float(value)
+            for key, value in {**result.counts, **result.metrics}.items()
+            if isinstance(value, (int, float))
+        }
+        self.log_metrics(0, numbers)
         with tempfile.TemporaryDirectory() as scratch:
             for name, manifest in manifests.items():
                 path = Path(scratch) / f"{name}.manifest.json"
                 path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-                mlflow.log_artifact(str(path), artifact_path="manifests")
+                self.client.log_artifact(self.run_id, str(path), artifact_path="manifests")
         if result.report is not None:
-            mlflow.log_dict(result.report, f"reports/{stage.name}.json")
+            self.client.log_dict(self.run_id, result.report, f"reports/{self.stage.name}.json")
         if sheet_file is not None:
-            mlflow.log_artifact(str(sheet_file), artifact_path="samples")
-        return run.info.run_id
+            self.client.log_artifact(self.run_id, str(sheet_file), artifact_path="samples")
+        self.client.set_terminated(self.run_id, "FINISHED")
+        return self.run_id
+
+    def fail(self) -> None:
+        """Mark the run failed (the stage raised)."""
+        self.client.set_terminated(self.run_id, "FAILED")
+
+
+class NullTracker:
+    """Stands in for StageTracker when tracking is off: every call does nothing."""
+
+    run_id = None
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Do nothing."""
+
+    def log_image(self, image, artifact_file: str) -> None:
+        """Do nothing."""
+
+    def finish(self, result, manifests: dict, sheet_file: Path | None) -> None:
+        """Do nothing."""
+
+    def fail(self) -> None:
+        """Do nothing."""
+
+
+def start_tracker(stage, params: Params, dataset: str, root: Path) -> StageTracker | NullTracker:
+    """A live MLflow run for the stage run, or a no-op tracker when tracking.enabled is false."""
+    if not params.tracking.enabled:
+        return NullTracker()
+    return StageTracker(stage, params, dataset, root)

@@ -232,19 +232,27 @@ def _init_linear(module: nn.Module) -> None:
 # Sizes
 # -----------------------------------------------------------------------------
 
+# Width, depth and heads of each named size; params pick one by name (tokenizer.size).
+SIZE_DEFAULTS = {
+    "T": dict(width=64, depth=2, heads=2),  # tiny: tests
+    "S": dict(width=192, depth=4, heads=3),  # small: the CPU demo
+    "B": dict(width=768, depth=12, heads=12, patch_size=16),  # base: GPU training (patch 16 as TiTok-B; image_size=256)
+}
+
+
 def Tokenizer_T(**overrides) -> Tokenizer1D:
     """Tiny: tests."""
-    return Tokenizer1D(TokenizerConfig(**(dict(width=64, depth=2, heads=2) | overrides)))
+    return Tokenizer1D(TokenizerConfig(**(SIZE_DEFAULTS["T"] | overrides)))
 
 
 def Tokenizer_S(**overrides) -> Tokenizer1D:
     """Small: the CPU demo."""
-    return Tokenizer1D(TokenizerConfig(**(dict(width=192, depth=4, heads=3) | overrides)))
+    return Tokenizer1D(TokenizerConfig(**(SIZE_DEFAULTS["S"] | overrides)))
 
 
 def Tokenizer_B(**overrides) -> Tokenizer1D:
     """Base: GPU training (patch 16 as TiTok-B; pass image_size=256)."""
-    return Tokenizer1D(TokenizerConfig(**(dict(width=768, depth=12, heads=12, patch_size=16) | overrides)))
+    return Tokenizer1D(TokenizerConfig(**(SIZE_DEFAULTS["B"] | overrides)))
 
 
 TOKENIZER_SIZES = {"T": Tokenizer_T, "S": Tokenizer_S, "B": Tokenizer_B}

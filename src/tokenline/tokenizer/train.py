@@ -8,11 +8,11 @@ out_dir/checkpoint/  the EMA weights as a plain tokenizer checkpoint (save_check
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -26,7 +26,18 @@ from tqdm import tqdm
 
 from tokenline.artifacts import atomic_dir, atomic_write_bytes, atomic_write_json
 from tokenline.tokenizer.checkpoint import save_checkpoint
+from tokenline.tokenizer.adversarial import (
+    PatchDiscriminator,
+    adaptive_weight,
+    adversarial_factor,
+    hinge_discriminator_loss,
+    hinge_generator_loss,
+    load_perceptual_loss,
+)
 from tokenline.tokenizer.model import Tokenizer1D
+from tokenline.tokenizer.train_config import LossConfig, TrainConfig
+
+__all__ = ["EMA", "LossConfig", "ResumeRefusedError", "ShardImages", "TrainConfig", "config_differences", "cosine_with_warmup", "train_tokenizer"]
 
 STATE = "state"
 CHECKPOINT = "checkpoint"
@@ -34,46 +45,13 @@ CHECKPOINT = "checkpoint"
 MODEL_WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
 OPTIMIZER = "optimizer.pt"
+DISC_WEIGHTS = "discriminator.safetensors"
+DISC_OPTIMIZER = "discriminator_optimizer.pt"
 SCHEDULER = "scheduler.pt"
 RNG = "rng.pt"
 PROGRESS = "progress.json"
 MODEL_CONFIG = "model_config.json"
 TRAIN_CONFIG = "train_config.json"
-
-
-# -----------------------------------------------------------------------------
-# Config
-# -----------------------------------------------------------------------------
-
-@dataclass
-class TrainConfig:
-    """Hyperparameters of one tokenizer training run; saved in the state folder."""
-
-    steps: int = 1000             # optimizer steps in total (a resumed run continues up to this)
-    batch_size: int = 32          # images per step
-    lr: float = 1e-4              # peak learning rate, reached at the end of warmup
-    weight_decay: float = 1e-4    # AdamW decoupled weight decay
-    warmup_steps: int = 100       # linear warmup from lr/warmup_steps to lr
-    min_lr_ratio: float = 0.1     # the cosine ends at lr * min_lr_ratio
-    grad_clip: float = 1.0        # max global gradient norm; 0 turns clipping off
-    ema_decay: float = 0.999      # EMA weight of the old shadow per step; 0: shadow == model
-    checkpoint_every: int = 500   # steps between state folders (one is always written at the end)
-    seed: int = 0                 # seeds torch, numpy, random and the data order
-    mixed_precision: str = "no"   # "no" | "bf16" | "fp16"; CPU uses "no"
-    log_every: int = 10           # steps between log_fn calls
-
-    def __post_init__(self):
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', not {self.mixed_precision!r}")
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), not {self.ema_decay}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready fields."""
-        return asdict(self)
 
 
 # -----------------------------------------------------------------------------
@@ -135,12 +113,17 @@ class ShardImages(torch.utils.data.IterableDataset):
 
     Each epoch is a permutation fixed by (seed, epoch), so the stream is a pure function of
     the position: `start` skips that many samples, which is how a resumed run picks up.
+    Under several processes, rank r of `world_size` takes every world_size-th position of that
+    one global stream: the processes see disjoint samples and `start` stays a global count.
     """
 
-    def __init__(self, shard_dir: str | Path, seed: int = 0, start: int = 0, split: str = "train"):
+    def __init__(self, shard_dir: str | Path, seed: int = 0, start: int = 0, split: str = "train",
+                 rank: int = 0, world_size: int = 1):
         from tokenline.data.stages import iter_shard_samples
 
-        self.seed, self.start = seed, start
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.seed, self.start, self.rank, self.world_size = seed, start, rank, world_size
         keys, images = [], []
         # The split is small enough to hold as uint8; decoding PNGs once beats re-reading tars.
         for sample in iter_shard_samples(Path(shard_dir), split):
@@ -164,8 +147,9 @@ class ShardImages(torch.utils.data.IterableDataset):
         while True:
             epoch, offset = divmod(position, len(self.keys))
             for index in self.order(epoch)[offset:]:
-                yield self.images[index].float() / 127.5 - 1.0, self.keys[index]
-            position = (epoch + 1) * len(self.keys)
+                if position % self.world_size == self.rank:
+                    yield self.images[index].float() / 127.5 - 1.0, self.keys[index]
+                position += 1
 
 
 # -----------------------------------------------------------------------------
@@ -198,13 +182,24 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def _write_state(folder: Path, model, ema, optimizer, scheduler, config, step, samples_seen, loss) -> None:
+@dataclass
+class _Adversary:
+    """The discriminator and its optimizer, present when the adversarial weight is above 0."""
+
+    discriminator: nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+def _write_state(folder: Path, model, ema, optimizer, scheduler, adversary, config, step, samples_seen, loss) -> None:
     """Write a complete state folder, replacing the old one only once the new one is whole."""
     with atomic_dir(folder) as temp:
         atomic_write_bytes(temp / MODEL_WEIGHTS, safetensors.torch.save(_tensors(model)))
         atomic_write_bytes(temp / EMA_WEIGHTS, safetensors.torch.save(_tensors(ema.state_dict())))
         torch.save(optimizer.state_dict(), temp / OPTIMIZER)
         torch.save(scheduler.state_dict(), temp / SCHEDULER)
+        if adversary is not None:
+            atomic_write_bytes(temp / DISC_WEIGHTS, safetensors.torch.save(_tensors(adversary.discriminator)))
+            torch.save(adversary.optimizer.state_dict(), temp / DISC_OPTIMIZER)
         torch.save(_rng_states(), temp / RNG)
         atomic_write_json(temp / PROGRESS, {"step": step, "samples_seen": samples_seen, "loss": loss})
         atomic_write_json(temp / MODEL_CONFIG, model.config.to_dict())
@@ -239,6 +234,23 @@ def config_differences(state_dir: str | Path, model_config: dict, train_config: 
 # Training
 # -----------------------------------------------------------------------------
 
+class ResumeRefusedError(ValueError):
+    """Resuming a state folder saved with a different config, without force."""
+
+
+TextFn = Callable[[list[str]], tuple[Tensor, Tensor]]
+
+
+def _build_adversary(config: TrainConfig, channels: int, device) -> _Adversary | None:
+    loss = config.loss
+    if loss.adversarial <= 0:
+        return None
+    discriminator = PatchDiscriminator(channels, width=loss.disc_width, layers=loss.disc_layers).to(device)
+    # betas (0.5, 0.9): the usual GAN setting; momentum 0.9 makes the min-max game oscillate.
+    optimizer = torch.optim.AdamW(discriminator.parameters(), lr=loss.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
+    return _Adversary(discriminator, optimizer)
+
+
 def train_tokenizer(
     model: Tokenizer1D,
     shard_dir: str | Path,
@@ -247,13 +259,21 @@ def train_tokenizer(
     resume: bool = False,
     force: bool = False,
     log_fn: Callable[[int, dict[str, float]], None] | None = None,
+    text_fn: TextFn | None = None,
 ) -> dict[str, float]:
-    """Train `model` on a shards folder's train split; returns steps, final_loss, images_per_s, wall_time_s."""
+    """Train `model` on a shards folder's train split; returns steps, final_loss, images_per_s, wall_time_s.
+
+    `text_fn(keys)` gives the caption input (states [B, T, D], mask [B, T]) of a batch's sample
+    keys; a text-conditioned model needs it. Under `accelerate launch` each process reads its
+    own part of the data and only the main process writes state folders and checkpoints.
+    """
     from accelerate import Accelerator
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
     state_dir = out_dir / STATE
+    if model.config.text_dim and text_fn is None:
+        raise ValueError("the model is text-conditioned (text_dim > 0): pass text_fn to give each batch its captions")
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
 
     step, samples_seen, last_loss = 0, 0, float("nan")
@@ -262,9 +282,9 @@ def train_tokenizer(
             raise FileNotFoundError(f"{state_dir}: no complete training state to resume from")
         differing = config_differences(state_dir, model.config.to_dict(), config.to_dict())
         if differing and not force:
-            raise ValueError(
+            raise ResumeRefusedError(
                 f"{state_dir} was trained with a different config ({', '.join(differing)}); "
-                "pass force=True to resume anyway"
+                "pass force=True (`tokenline run tokenizer --resume --force`) to resume anyway"
             )
         progress = json.loads((state_dir / PROGRESS).read_text())
         step, samples_seen, last_loss = progress["step"], progress["samples_seen"], progress["loss"]
@@ -276,6 +296,10 @@ def train_tokenizer(
     ema = EMA(model, config.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = cosine_with_warmup(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
+    adversary = _build_adversary(config, model.config.channels, accelerator.device)
+    perceptual = load_perceptual_loss(config.loss.perceptual_weights) if config.loss.perceptual > 0 else None
+    if perceptual is not None:
+        perceptual = perceptual.to(accelerator.device)
     if resume:
         ema.load_state_dict(safetensors.torch.load_file(state_dir / EMA_WEIGHTS))
         optimizer.load_state_dict(torch.load(state_dir / OPTIMIZER, weights_only=True))
@@ -284,39 +308,62 @@ def train_tokenizer(
         scheduler.base_lrs = [config.lr for _ in optimizer.param_groups]
         for group in optimizer.param_groups:
             group["weight_decay"] = config.weight_decay
+        if adversary is not None and (state_dir / DISC_WEIGHTS).is_file():
+            adversary.discriminator.load_state_dict(safetensors.torch.load_file(state_dir / DISC_WEIGHTS))
+            adversary.optimizer.load_state_dict(torch.load(state_dir / DISC_OPTIMIZER, weights_only=True))
         # Our own file; the numpy and python RNG states are not plain tensors.
         _set_rng_states(torch.load(state_dir / RNG, weights_only=False))
 
-    data = ShardImages(shard_dir, seed=config.seed, start=samples_seen)
-    # The loader is not passed to accelerator.prepare: its wrapper reads batches ahead, and we
-    # count the data position ourselves. Its own generator keeps the global RNG untouched.
+    data = ShardImages(shard_dir, seed=config.seed, start=samples_seen,
+                       rank=accelerator.process_index, world_size=accelerator.num_processes)
+    # The loader is not passed to accelerator.prepare: ShardImages splits the data between
+    # processes itself, and its wrapper would read batches ahead of the position we count.
+    # Its own generator keeps the global RNG untouched.
     loader = torch.utils.data.DataLoader(
         data, batch_size=config.batch_size, num_workers=0, generator=torch.Generator().manual_seed(config.seed)
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if adversary is not None:
+        adversary.discriminator, adversary.optimizer = accelerator.prepare(adversary.discriminator, adversary.optimizer)
     raw_model: Tokenizer1D = accelerator.unwrap_model(model)
     size = raw_model.config.image_size
     if data.images.shape[-1] != size or data.images.shape[-2] != size:
         raise ValueError(f"{shard_dir}: images are {list(data.images.shape[-2:])}, the model expects {size}x{size}")
 
     def checkpoint(at_step: int) -> None:
-        _write_state(state_dir, raw_model, ema, optimizer, scheduler, config, at_step, samples_seen, last_loss)
-        _export(out_dir / CHECKPOINT, raw_model, ema)
+        if accelerator.is_main_process:
+            plain = None if adversary is None else _Adversary(accelerator.unwrap_model(adversary.discriminator), adversary.optimizer)
+            _write_state(state_dir, raw_model, ema, optimizer, scheduler, plain, config, at_step, samples_seen, last_loss)
+            _export(out_dir / CHECKPOINT, raw_model, ema)
+        accelerator.wait_for_everyone()
 
+    weights = config.loss
     batches = iter(loader)
     first_step, saved_step = step, step
     loop_started = interval_started = time.perf_counter()
     bar = tqdm(total=config.steps, initial=step, desc="tokenizer", unit="step",
                disable=not accelerator.is_local_main_process)
     while step < config.steps:
-        images, _keys = next(batches)
+        images, keys = next(batches)
         images = images.to(accelerator.device)
-        reconstruction, quantized = model(images)
+        text = None
+        if text_fn is not None:
+            text = tuple(t.to(accelerator.device) for t in text_fn(list(keys)))
+        reconstruction, quantized = model(images, text)
         # Reconstruction losses in float32 whatever the autocast precision.
         reconstruction = reconstruction.float()
-        l1 = F.l1_loss(reconstruction, images)
-        l2 = F.mse_loss(reconstruction, images)
-        loss = l1 + l2 + quantized.loss.float()
+        terms = {"l1": F.l1_loss(reconstruction, images), "l2": F.mse_loss(reconstruction, images)}
+        reconstruction_loss = weights.l1 * terms["l1"] + weights.l2 * terms["l2"]
+        if perceptual is not None:
+            terms["perceptual"] = perceptual(reconstruction, images)
+            reconstruction_loss = reconstruction_loss + weights.perceptual * terms["perceptual"]
+        loss = reconstruction_loss + quantized.loss.float()
+        adversarial_on = adversary is not None and adversarial_factor(step, weights.adversarial_start) > 0
+        if adversarial_on:
+            terms["generator"] = hinge_generator_loss(adversary.discriminator(reconstruction))
+            # Balances the two gradients at the decoder's last layer, as VQGAN does.
+            terms["adaptive_weight"] = adaptive_weight(reconstruction_loss, terms["generator"], raw_model.to_pixels.weight)
+            loss = loss + weights.adversarial * terms["adaptive_weight"] * terms["generator"]
         if not torch.isfinite(loss):
             # Before backward and before any write: the last good state folder stays as it is.
             bar.close()
@@ -329,20 +376,30 @@ def train_tokenizer(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if adversarial_on:
+            # The generator's backward left gradients in the discriminator: clear them first.
+            adversary.optimizer.zero_grad(set_to_none=True)
+            fake = reconstruction.detach()
+            terms["discriminator"] = hinge_discriminator_loss(adversary.discriminator(images), adversary.discriminator(fake))
+            accelerator.backward(terms["discriminator"])
+            adversary.optimizer.step()
+            adversary.optimizer.zero_grad(set_to_none=True)
         ema.update(raw_model)
         step += 1
-        samples_seen += len(images)
+        samples_seen += len(images) * accelerator.num_processes
         last_loss = loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.4f}")
 
-        if log_fn is not None and step % config.log_every == 0:
+        if log_fn is not None and step % config.log_every == 0 and accelerator.is_main_process:
             now = time.perf_counter()
-            metrics = {"loss": last_loss, "l1": l1.item(), "l2": l2.item(), "quantizer": quantized.loss.item(), "lr": lr}
+            metrics = {"loss": last_loss, "quantizer": quantized.loss.item(), "lr": lr}
+            metrics |= {name: float(value.detach()) for name, value in terms.items()}
             metrics |= {f"quantizer/{name}": float(value.detach()) for name, value in quantized.terms.items()}
+            metrics |= {f"quantizer/{name}": float(value) for name, value in raw_model.quantizer.usage_stats().items()}
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
-            metrics["images_per_s"] = config.log_every * config.batch_size / max(now - interval_started, 1e-9)
+            metrics["images_per_s"] = config.log_every * config.batch_size * accelerator.num_processes / max(now - interval_started, 1e-9)
             interval_started = now
             log_fn(step, metrics)
         if step % config.checkpoint_every == 0:
@@ -356,6 +413,6 @@ def train_tokenizer(
     return {
         "steps": step,
         "final_loss": last_loss,
-        "images_per_s": trained * config.batch_size / elapsed if trained else 0.0,
+        "images_per_s": trained * config.batch_size * accelerator.num_processes / elapsed if trained else 0.0,
         "wall_time_s": time.perf_counter() - started,
     }
