@@ -25,7 +25,13 @@ def test_every_stage_is_in_dvc_yaml_with_its_outputs():
     assert list(stages) == [stage.name for stage in STAGES]
     for stage in STAGES:
         outs = stages[stage.name]["outs"]
-        assert outs == [f"data/${{item.dataset}}/{name}" for name in stage.outputs]
+        area = "models" if stage.models else "data"
+        assert outs == [f"{area}/${{item.dataset}}/{name}" for name in stage.outputs]
+        # Each input is a dependency at the path its producer writes.
+        for name in stage.inputs:
+            producer = next(s for s in STAGES if name in s.outputs)
+            assert f"{'models' if name in producer.models else 'data'}/${{item.dataset}}/{name}" in stages[stage.name]["deps"]
+    assert stages["tokenizer"]["outs"] == ["models/${item.dataset}/tokenizer"]
 
 
 def test_closure_is_topological():
