@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from conftest import REPO, run_stage
 from tokenline.dvc_yaml import render_dvc_yaml

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mlflow
 from mlflow.tracking import MlflowClient
 
 from conftest import run_stage

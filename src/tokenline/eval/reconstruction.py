@@ -17,11 +17,12 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
+
+from tokenline.tokenizer.pixels import batched, image_to_tensor, tensor_to_image
 
 __all__ = ["code_statistics", "evaluate_reconstruction", "image_metrics"]
 
@@ -172,25 +173,13 @@ def code_statistics(
 # Evaluation over a shards split
 # -----------------------------------------------------------------------------
 
-def _to_tensor(image: Image.Image) -> Tensor:
-    """PIL RGB -> float32 [3, H, W] in [-1, 1] (the training loader's mapping)."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1) / 127.5 - 1.0
-
-
-def _to_pil(image: Tensor) -> Image.Image:
-    """Float [3, H, W] in [-1, 1] -> PIL RGB."""
-    array = (_unit_range(image) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(array)  # uint8 [H, W, 3] is RGB
-
-
 def _reconstruction_grid(originals: Tensor, reconstructions: Tensor) -> Image.Image:
     """Originals side by side in the top row, their reconstructions below, at pixel size, 1-pixel gutters."""
     count, _, height, width = originals.shape
     sheet = Image.new("RGB", (count * (width + 1) + 1, 2 * (height + 1) + 1), GUTTER)
     for row, images in enumerate((originals, reconstructions)):
         for column in range(count):
-            sheet.paste(_to_pil(images[column]), (column * (width + 1) + 1, row * (height + 1) + 1))
+            sheet.paste(tensor_to_image(images[column]), (column * (width + 1) + 1, row * (height + 1) + 1))
     return sheet
 
 
@@ -198,20 +187,6 @@ def _codebook_size(tokenizer) -> int | None:
     """Entries in the tokenizer's codebook (quantizer_options may override config.codebook_size), or None."""
     codebook = getattr(tokenizer.quantizer, "codebook", None)
     return int(codebook.shape[0]) if codebook is not None else None
-
-
-def _batches(samples, size: int, limit: int | None):
-    """Lists of up to `size` samples, `limit` samples in all (None: every sample)."""
-    batch: list[dict] = []
-    for seen, sample in enumerate(samples):
-        if limit is not None and seen >= limit:
-            break
-        batch.append(sample)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def evaluate_reconstruction(
@@ -244,8 +219,8 @@ def evaluate_reconstruction(
     progress = tqdm(desc=f"recon_eval {split}", unit="img", total=max_samples)
     try:
         with torch.no_grad():
-            for batch in _batches(samples, batch_size, max_samples):
-                images = torch.stack([_to_tensor(sample["image"]) for sample in batch])
+            for batch in batched(samples, batch_size, max_samples):
+                images = torch.stack([image_to_tensor(sample["image"]) for sample in batch])
                 if tuple(images.shape[-2:]) != (config.image_size, config.image_size):
                     raise ValueError(
                         f"{shard_dir} ({split}): images are {tuple(images.shape[-2:])}, the tokenizer expects "

@@ -31,12 +31,13 @@ def params_text_encoder(params: Params) -> TextEncoder:
 
 def cut_or_pad(states: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
     """Token states [B, T, D] and mask [B, T] cut or zero-padded to exactly `length` positions."""
-    states, mask = states[:, :length], mask[:, :length]
+    states, mask = states[:, :length], mask[:, :length].bool()
     missing = length - states.shape[1]
     if missing > 0:
         states = torch.nn.functional.pad(states, (0, 0, 0, missing))
         mask = torch.nn.functional.pad(mask, (0, missing))
-    return states, mask
+    # Padded positions hold zeros whatever the encoder left there.
+    return states * mask.unsqueeze(-1).to(states.dtype), mask
 
 
 class CaptionTexts:

@@ -13,6 +13,7 @@ from tokenline.data.stages import iter_shard_samples, read_jsonl
 from tokenline.pipeline import StageContext, StageResult, work_path
 from tokenline.tokenizer.caption_text import CaptionTexts, params_text_encoder, text_cache_dir
 from tokenline.tokenizer.model import Tokenizer1D
+from tokenline.tokenizer.pixels import samples_to_batch, tensor_to_image
 
 TRAINING = "training.json"
 RECONSTRUCTIONS = "reconstructions.png"
@@ -23,11 +24,6 @@ def _captions(ctx: StageContext) -> dict[str, str]:
     return {row["key"]: row["caption"] for row in read_jsonl(ctx.inputs["captions"] / "captions.jsonl")}
 
 
-def _tensor_to_image(image: torch.Tensor) -> Image.Image:
-    array = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(np.ascontiguousarray(array))
-
-
 @torch.no_grad()
 def reconstruction_pairs(model: Tokenizer1D, ctx: StageContext, texts: CaptionTexts | None, count: int) -> list[tuple[Image.Image, str]]:
     """(original, caption), (reconstruction, caption), ... for the first `count` val (else train) images."""
@@ -36,14 +32,12 @@ def reconstruction_pairs(model: Tokenizer1D, ctx: StageContext, texts: CaptionTe
         samples += [s for _, s in zip(range(count - len(samples)), iter_shard_samples(ctx.inputs["shards"], split))]
     if not samples:
         return []
-    images = torch.stack([
-        torch.from_numpy(np.asarray(s["image"], dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0 for s in samples
-    ])
+    images = samples_to_batch(samples, model.config.image_size)
     text = texts([s["key"] for s in samples]) if texts is not None else None
     reconstructions, _ = model.eval()(images, text)
     pairs = []
     for sample, reconstruction in zip(samples, reconstructions):
-        pairs += [(sample["image"], sample["caption"]), (_tensor_to_image(reconstruction), "reconstruction")]
+        pairs += [(sample["image"], sample["caption"]), (tensor_to_image(reconstruction), "reconstruction")]
     return pairs
 
 
@@ -128,7 +122,7 @@ def tokens(ctx: StageContext) -> StageResult:
             text = (torch.stack([r["text_tokens"][:length] for r in rows]), torch.stack([r["text_mask"][:length] for r in rows]))
         with torch.no_grad():
             decoded = model.decode(latents, text)
-        samples = [(_tensor_to_image(image), caption) for image, caption in zip(decoded, cache.captions)]
+        samples = [(tensor_to_image(image), caption) for image, caption in zip(decoded, cache.captions)]
     return StageResult(counts=counts, samples=samples)
 
 

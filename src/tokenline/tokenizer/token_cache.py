@@ -43,12 +43,13 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from tokenline.artifacts import atomic_write_bytes, atomic_write_json
 from tokenline.data.stages import iter_shard_samples, read_jsonl
+from tokenline.tokenizer.caption_text import cut_or_pad
+from tokenline.tokenizer.pixels import batched, samples_to_batch
 
 FORMAT = 1
 META = "meta.json"
@@ -83,43 +84,6 @@ def _describe_encoder(encoder: Any) -> Any:
         if callable(describe):
             return describe()
     return type(encoder).__name__
-
-
-def _fit_tokens(tokens: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut or zero-pad caption states [B, T', D] and mask [B, T'] to exactly `length` positions."""
-    tokens, mask = tokens[:, :length], mask[:, :length].bool()
-    missing = length - tokens.shape[1]
-    if missing > 0:
-        tokens = F.pad(tokens, (0, 0, 0, missing))
-        mask = F.pad(mask, (0, missing))
-    # Padded positions hold zeros whatever the encoder left there.
-    return tokens * mask.unsqueeze(-1).to(tokens.dtype), mask
-
-
-def _batches(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
-    """Group an iterator of samples into lists of at most `size`."""
-    batch: list[dict] = []
-    for sample in samples:
-        batch.append(sample)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _images(batch: list[dict], image_size: int) -> torch.Tensor:
-    """PIL RGB images -> float32 [B, 3, H, W] in [-1, 1] (the scaling tokenizer training uses)."""
-    arrays = []
-    for sample in batch:
-        array = np.asarray(sample["image"], dtype=np.uint8)
-        if array.shape != (image_size, image_size, 3):
-            raise ValueError(
-                f"sample {sample['key']!r} is {array.shape[1]}x{array.shape[0]} pixels but the tokenizer "
-                f"takes {image_size}x{image_size}: re-run the shards stage at the tokenizer's resolution"
-            )
-        arrays.append(array)
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def write_token_cache(
@@ -180,11 +144,11 @@ def write_token_cache(
             samples = iter_shard_samples(shard_dir, split)
             progress = tqdm(total=index[split]["samples"], desc=f"tokens {split}", unit="img")
             with progress, torch.no_grad():
-                for batch in _batches(samples, batch_size):
+                for batch in batched(samples, batch_size):
                     batch_keys = [sample["key"] for sample in batch]
                     batch_texts = [captions.get(key, sample["caption"]) for key, sample in zip(batch_keys, batch)]
                     encoding = text_encoder.encode(batch_texts)
-                    states, mask = _fit_tokens(encoding.tokens.float(), encoding.mask, text_tokens)
+                    states, mask = cut_or_pad(encoding.tokens.float(), encoding.mask, text_tokens)
                     # Round once: the stored float16 text is exactly the text the latents were made from.
                     states = states.half().float()
                     pooled = encoding.pooled.float().half()
@@ -197,7 +161,7 @@ def write_token_cache(
                                 f"tokenizer is conditioned on text_dim={config.text_dim}"
                             )
                         text = (states.to(device), mask.to(device))
-                    out = tokenizer.encode(_images(batch, config.image_size).to(device), text)
+                    out = tokenizer.encode(samples_to_batch(batch, config.image_size).to(device), text)
                     parts["latents"].append(out.latents.float().cpu().numpy())
                     if (out.codes is None) != (code_kind is None):
                         raise ValueError(f"the {config.quantizer!r} quantizer returned unexpected codes")
