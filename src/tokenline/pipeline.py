@@ -8,6 +8,7 @@ freshness and MLflow.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -89,7 +90,7 @@ class StageContext:
 
 def output_relpath(dataset: str, output: str) -> str:
     """An output folder relative to the project root: models/<dataset>/<output> for checkpoints, else data/."""
-    area = "models" if output in MODEL_OUTPUTS else "data"
+    area = "models" if output in _registry()["MODEL_OUTPUTS"] else "data"
     return f"{area}/{dataset}/{output}"
 
 
@@ -216,22 +217,44 @@ def _build_registry() -> list[Stage]:
     ]
 
 
-STAGES: list[Stage] = _build_registry()
-MODEL_OUTPUTS: frozenset[str] = frozenset(output for stage in STAGES for output in stage.models)
-STAGE_BY_NAME: dict[str, Stage] = {stage.name: stage for stage in STAGES}
-PRODUCER: dict[str, Stage] = {output: stage for stage in STAGES for output in stage.outputs}
+REGISTRY_NAMES = ("STAGES", "STAGE_BY_NAME", "PRODUCER", "MODEL_OUTPUTS")
+
+
+@functools.cache
+def _registry() -> dict[str, Any]:
+    stages = _build_registry()
+    return {
+        "STAGES": stages,
+        "STAGE_BY_NAME": {stage.name: stage for stage in stages},
+        "PRODUCER": {output: stage for stage in stages for output in stage.outputs},
+        "MODEL_OUTPUTS": frozenset(output for stage in stages for output in stage.models),
+    }
+
+
+def __getattr__(name: str) -> Any:
+    """STAGES, STAGE_BY_NAME, PRODUCER and MODEL_OUTPUTS, built on first use.
+
+    Lazily, because stage modules import this module's types: building the registry at import
+    would import them while they are still half-initialized.
+    """
+    # Only these names: the import system probes modules for others (__path__) and must not build.
+    if name in REGISTRY_NAMES:
+        return _registry()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_stage(name: str) -> Stage:
     """The registered stage `name`, or an error listing the known stages."""
-    if name not in STAGE_BY_NAME:
-        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_BY_NAME)}")
-    return STAGE_BY_NAME[name]
+    by_name = _registry()["STAGE_BY_NAME"]
+    if name not in by_name:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(by_name)}")
+    return by_name[name]
 
 
 def upstream_stages(stage: Stage) -> list[Stage]:
     """The stages producing `stage`'s inputs, directly."""
-    return list(dict.fromkeys(PRODUCER[name] for name in stage.inputs))
+    producer = _registry()["PRODUCER"]
+    return list(dict.fromkeys(producer[name] for name in stage.inputs))
 
 
 def stage_closure(stage: Stage) -> list[Stage]:
@@ -243,7 +266,7 @@ def stage_closure(stage: Stage) -> list[Stage]:
             if parent.name not in needed:
                 needed.add(parent.name)
                 frontier.append(parent)
-    return [s for s in STAGES if s.name in needed]
+    return [s for s in _registry()["STAGES"] if s.name in needed]
 
 
 def params_keys(stage: Stage) -> list[str]:

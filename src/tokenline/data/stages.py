@@ -249,7 +249,9 @@ def iter_shard_samples(shard_dir: Path, split: str | None = None) -> Iterator[di
         if split not in (None, name) or not index[name]["shards"]:
             continue
         urls = [str(Path(shard_dir) / shard) for shard in index[name]["shards"]]
-        for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        # nodesplitter=None: every process reads the whole split; training splits samples by
+        # rank itself (ShardImages), so a reader never sees a partial split.
+        for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None):
             yield {
                 "key": sample["__key__"],
                 "split": name,

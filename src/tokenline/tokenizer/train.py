@@ -379,8 +379,10 @@ def train_tokenizer(
         if adversarial_on:
             # The generator's backward left gradients in the discriminator: clear them first.
             adversary.optimizer.zero_grad(set_to_none=True)
-            fake = reconstruction.detach()
-            terms["discriminator"] = hinge_discriminator_loss(adversary.discriminator(images), adversary.discriminator(fake))
+            # One forward over real and fake together: one backward per forward, as DDP requires
+            # (GroupNorm is per sample, so the concatenation changes nothing else).
+            logits = adversary.discriminator(torch.cat([images, reconstruction.detach()]))
+            terms["discriminator"] = hinge_discriminator_loss(*logits.chunk(2))
             accelerator.backward(terms["discriminator"])
             adversary.optimizer.step()
             adversary.optimizer.zero_grad(set_to_none=True)
