@@ -229,3 +229,14 @@ def test_text_conditioned_training_needs_and_uses_captions(shard_dir, tmp_path):
 
     train_tokenizer(model, shard_dir, tmp_path, config(steps=2), text_fn=text_fn)
     assert len(seen) == 2 * 8
+
+
+def test_ema_warms_up_so_short_runs_forget_the_random_init():
+    ema = EMA(tiny_model(), decay=0.999)
+    assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(90) == pytest.approx(0.91)
+    assert ema.decay_at(10**6) == 0.999
+    # After 1,000 warmed-up updates the init keeps a negligible weight, not 0.999**1000 = 37 %.
+    init_weight = 1.0
+    for step in range(1000):
+        init_weight *= ema.decay_at(step)
+    assert init_weight < 1e-3 < 0.999**1000

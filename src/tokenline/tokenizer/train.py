@@ -79,11 +79,18 @@ class EMA:
         # float32 even under mixed precision: tiny per-step updates vanish in bf16.
         self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
 
+    def decay_at(self, step: int) -> float:
+        """The decay used for the update after `step` updates: warmed up, capped at `decay`."""
+        # Without the warm-up a short run's EMA keeps decay**steps of the random init
+        # (0.999**1000 = 37 %): min(decay, (1 + n) / (10 + n)) forgets it early.
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """shadow <- decay * shadow + (1 - decay) * parameters."""
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        """shadow <- d * shadow + (1 - d) * parameters, d = decay_at(step) (plain `decay` without a step)."""
+        decay = self.decay if step is None else self.decay_at(step)
         for name, p in model.named_parameters():
-            self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
+            self.shadow[name].lerp_(p.detach().float(), 1.0 - decay)
 
     def state_dict(self) -> dict[str, Tensor]:
         """The shadow tensors by parameter name."""
@@ -386,7 +393,7 @@ def train_tokenizer(
             accelerator.backward(terms["discriminator"])
             adversary.optimizer.step()
             adversary.optimizer.zero_grad(set_to_none=True)
-        ema.update(raw_model)
+        ema.update(raw_model, step)
         step += 1
         samples_seen += len(images) * accelerator.num_processes
         last_loss = loss.item()
