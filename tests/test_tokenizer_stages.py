@@ -161,3 +161,18 @@ def test_text_conditioned_tokenizer_runs_through_recon_eval(tmp_path):
     assert model.config.text_dim == 384 and model.config.text_tokens == 16
     report = json.loads(report_path(tmp_path, "shapes", "recon_eval").read_text())
     assert report["text_conditioning"] is True and report["psnr"] > 0
+
+
+def test_cli_names_a_truncated_tokenizer_checkpoint(built, tmp_path):
+    root, _ = built
+    project = tmp_path / "p"
+    shutil.copytree(root, project, ignore=shutil.ignore_patterns("runs.db", "mlartifacts"))
+    weights = project / "models" / "shapes" / "tokenizer" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenline", "run", "tokens", "--profile", "tiny", "--dataset", "shapes",
+         "--set", "tracking.enabled=false", "--no-upstream", "--force"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 1 and str(weights) in result.stderr and "Traceback" not in result.stderr
