@@ -48,9 +48,9 @@ def run(
     """Run STAGE (after any stale upstream stage) on every active dataset, or on --dataset."""
     from tokenline.pipeline import STAGES, get_stage
     from tokenline.runner import MissingInputError, run_with_upstream
-    from tokenline.tokenizer.checkpoint import CheckpointError
+    from tokenline.model_checkpoint import CheckpointError
     from tokenline.tokenizer.token_cache import StaleTokenCacheError
-    from tokenline.tokenizer.train import ResumeRefusedError
+    from tokenline.training import ResumeRefusedError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("great_expectations", "alembic", "mlflow"):

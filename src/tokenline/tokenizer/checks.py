@@ -5,20 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import safetensors.torch
-import torch
-
 from tokenline.config import Params
 
 
 def finite_weights(root: Path, manifest: dict, params: Params) -> tuple[bool, dict]:
     """No tokenizer weight is NaN or infinite."""
+    from tokenline.model_checkpoint import non_finite_tensors
     from tokenline.pipeline import output_path
-    from tokenline.tokenizer.checkpoint import WEIGHTS
 
-    tensors = safetensors.torch.load_file(output_path(root, manifest["dataset"], "tokenizer") / WEIGHTS)
-    bad = sorted(name for name, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all())
-    return not bad, {"tensors": len(tensors), "non_finite": ", ".join(bad[:10]) or "none"}
+    count, bad = non_finite_tensors(output_path(root, manifest["dataset"], "tokenizer"))
+    return not bad, {"tensors": count, "non_finite": ", ".join(bad[:10]) or "none"}
 
 
 def _recon_report(root: Path, manifest: dict) -> dict:

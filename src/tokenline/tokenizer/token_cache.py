@@ -43,6 +43,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
@@ -328,6 +329,36 @@ class TokenCache(Dataset):
         if self.has_codes:
             item["codes"] = torch.from_numpy(np.array(a["codes"][i], dtype=np.int64))
         return item
+
+    def latent_statistics(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of this split's latents, read in chunks from the memory map."""
+        latents = self._arrays["latents"]
+        width = latents.shape[-1]
+        total, sums, squares = 0, np.zeros(width), np.zeros(width)
+        for start in range(0, len(latents), 4096):
+            chunk = np.asarray(latents[start : start + 4096], dtype=np.float64).reshape(-1, width)
+            total += len(chunk)
+            sums += chunk.sum(0)
+            squares += (chunk**2).sum(0)
+        mean = sums / max(total, 1)
+        std = np.sqrt(np.maximum(squares / max(total, 1) - mean**2, 0.0))
+        # A dead channel (std 0) must not blow standardized inputs up.
+        return mean.tolist(), np.maximum(std, 1e-4).tolist()
+
+    def rows(self, indices) -> dict[str, Tensor]:
+        """Rows `indices` batched, read in one go per array: the dict of __getitem__ with a leading batch axis."""
+        order = np.asarray(indices, dtype=np.int64)
+        a = self._arrays
+        batch = {
+            "latents": torch.from_numpy(np.asarray(a["latents"][order], dtype=np.float32)),
+            "text_pooled": torch.from_numpy(np.asarray(a["text_pooled"][order], dtype=np.float32)),
+            "text_tokens": torch.from_numpy(np.asarray(a["text_tokens"][order], dtype=np.float32)),
+            "text_mask": torch.from_numpy(np.asarray(a["text_mask"][order], dtype=bool)),
+            "index": torch.from_numpy(order),
+        }
+        if self.has_codes:
+            batch["codes"] = torch.from_numpy(np.asarray(a["codes"][order], dtype=np.int64))
+        return batch
 
     def loader(
         self,

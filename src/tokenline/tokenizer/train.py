@@ -10,21 +10,18 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 import json
-import math
-import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from tokenline.artifacts import atomic_dir, atomic_write_bytes, atomic_write_json
+from tokenline.artifacts import atomic_dir
 from tokenline.tokenizer.checkpoint import save_checkpoint
 from tokenline.tokenizer.adversarial import (
     PatchDiscriminator,
@@ -36,79 +33,32 @@ from tokenline.tokenizer.adversarial import (
 )
 from tokenline.tokenizer.model import Tokenizer1D
 from tokenline.tokenizer.train_config import LossConfig, TrainConfig
+from tokenline.training import (
+    EMA_WEIGHTS,
+    MODEL_CONFIG,
+    MODEL_WEIGHTS,
+    OPTIMIZER,
+    PROGRESS,
+    RNG,
+    SCHEDULER,
+    TRAIN_CONFIG,
+    EMA,
+    ResumeRefusedError,
+    cosine_with_warmup,
+    rng_states,
+    saved_config_differences,
+    seed_everything,
+    set_rng_states,
+    write_state_folder,
+)
 
-__all__ = ["EMA", "LossConfig", "ResumeRefusedError", "ShardImages", "TrainConfig", "config_differences", "cosine_with_warmup", "train_tokenizer"]
+__all__ = ["EMA", "LossConfig", "ResumeRefusedError", "ShardImages", "TrainConfig", "cosine_with_warmup", "saved_config_differences", "train_tokenizer"]
 
 STATE = "state"
 CHECKPOINT = "checkpoint"
-# Files of a state folder; TRAIN_CONFIG is written last, so its presence marks a complete folder.
-MODEL_WEIGHTS = "model.safetensors"
-EMA_WEIGHTS = "ema.safetensors"
-OPTIMIZER = "optimizer.pt"
+# State files only the tokenizer has; the shared ones (weights, EMA, optimizer, ...) are tokenline.training's.
 DISC_WEIGHTS = "discriminator.safetensors"
 DISC_OPTIMIZER = "discriminator_optimizer.pt"
-SCHEDULER = "scheduler.pt"
-RNG = "rng.pt"
-PROGRESS = "progress.json"
-MODEL_CONFIG = "model_config.json"
-TRAIN_CONFIG = "train_config.json"
-
-
-# -----------------------------------------------------------------------------
-# Schedule and EMA
-# -----------------------------------------------------------------------------
-
-def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float) -> LambdaLR:
-    """Linear warmup to the base lr over `warmup` steps, then a cosine down to base * min_ratio at `total`."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            # (step + 1): the very first step already learns instead of running at lr 0.
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return LambdaLR(optimizer, factor)
-
-
-class EMA:
-    """An exponential moving average of a model's parameters (the shadow), kept in float32."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        # float32 even under mixed precision: tiny per-step updates vanish in bf16.
-        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
-
-    def decay_at(self, step: int) -> float:
-        """The decay used for the update after `step` updates: warmed up, capped at `decay`."""
-        # Without the warm-up a short run's EMA keeps decay**steps of the random init
-        # (0.999**1000 = 37 %): min(decay, (1 + n) / (10 + n)) forgets it early.
-        return min(self.decay, (1.0 + step) / (10.0 + step))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int | None = None) -> None:
-        """shadow <- d * shadow + (1 - d) * parameters, d = decay_at(step) (plain `decay` without a step)."""
-        decay = self.decay if step is None else self.decay_at(step)
-        for name, p in model.named_parameters():
-            self.shadow[name].lerp_(p.detach().float(), 1.0 - decay)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """The shadow tensors by parameter name."""
-        return dict(self.shadow)
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Replace the shadow with saved tensors; names must match exactly."""
-        if state.keys() != self.shadow.keys():
-            missing, unexpected = sorted(self.shadow.keys() - state.keys()), sorted(state.keys() - self.shadow.keys())
-            raise ValueError(f"EMA state does not match the model: missing {missing}, unexpected {unexpected}")
-        for name, tensor in state.items():
-            self.shadow[name].copy_(tensor)
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        """Write the shadow into the model's parameters (buffers are left as they are)."""
-        for name, p in model.named_parameters():
-            p.copy_(self.shadow[name].to(p.dtype))
 
 
 # -----------------------------------------------------------------------------
@@ -163,32 +113,6 @@ class ShardImages(torch.utils.data.IterableDataset):
 # State folders
 # -----------------------------------------------------------------------------
 
-def _tensors(module_or_dict) -> dict[str, Tensor]:
-    state = module_or_dict.state_dict() if hasattr(module_or_dict, "state_dict") else module_or_dict
-    return {name: t.detach().cpu().contiguous() for name, t in state.items()}
-
-
-def _rng_states() -> dict[str, Any]:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 @dataclass
 class _Adversary:
     """The discriminator and its optimizer, present when the adversarial weight is above 0."""
@@ -199,18 +123,17 @@ class _Adversary:
 
 def _write_state(folder: Path, model, ema, optimizer, scheduler, adversary, config, step, samples_seen, loss) -> None:
     """Write a complete state folder, replacing the old one only once the new one is whole."""
-    with atomic_dir(folder) as temp:
-        atomic_write_bytes(temp / MODEL_WEIGHTS, safetensors.torch.save(_tensors(model)))
-        atomic_write_bytes(temp / EMA_WEIGHTS, safetensors.torch.save(_tensors(ema.state_dict())))
-        torch.save(optimizer.state_dict(), temp / OPTIMIZER)
-        torch.save(scheduler.state_dict(), temp / SCHEDULER)
-        if adversary is not None:
-            atomic_write_bytes(temp / DISC_WEIGHTS, safetensors.torch.save(_tensors(adversary.discriminator)))
-            torch.save(adversary.optimizer.state_dict(), temp / DISC_OPTIMIZER)
-        torch.save(_rng_states(), temp / RNG)
-        atomic_write_json(temp / PROGRESS, {"step": step, "samples_seen": samples_seen, "loss": loss})
-        atomic_write_json(temp / MODEL_CONFIG, model.config.to_dict())
-        atomic_write_json(temp / TRAIN_CONFIG, config.to_dict())
+    tensors = {MODEL_WEIGHTS: model.state_dict(), EMA_WEIGHTS: ema.state_dict()}
+    objects = {OPTIMIZER: optimizer.state_dict(), SCHEDULER: scheduler.state_dict(), RNG: rng_states()}
+    if adversary is not None:
+        tensors[DISC_WEIGHTS] = adversary.discriminator.state_dict()
+        objects[DISC_OPTIMIZER] = adversary.optimizer.state_dict()
+    documents = {
+        PROGRESS: {"step": step, "samples_seen": samples_seen, "loss": loss},
+        MODEL_CONFIG: model.config.to_dict(),
+        TRAIN_CONFIG: config.to_dict(),
+    }
+    write_state_folder(folder, tensors, objects, documents)
 
 
 def _export(folder: Path, model: Tokenizer1D, ema: EMA) -> None:
@@ -221,29 +144,9 @@ def _export(folder: Path, model: Tokenizer1D, ema: EMA) -> None:
         save_checkpoint(exported, temp)
 
 
-def config_differences(state_dir: str | Path, model_config: dict, train_config: dict) -> list[str]:
-    """Keys ("model.width", "train.lr") whose saved value differs from the given configs; `steps` is ignored."""
-    state_dir = Path(state_dir)
-    saved_model = json.loads((state_dir / MODEL_CONFIG).read_text())
-    saved_train = json.loads((state_dir / TRAIN_CONFIG).read_text())
-    differing = []
-    for prefix, saved, current, ignored in (
-        ("model", saved_model, model_config, set()),
-        ("train", saved_train, train_config, {"steps"}),  # extending a run is what resuming is for
-    ):
-        for key in sorted((saved.keys() | current.keys()) - ignored):
-            if saved.get(key) != current.get(key):
-                differing.append(f"{prefix}.{key}")
-    return differing
-
-
 # -----------------------------------------------------------------------------
 # Training
 # -----------------------------------------------------------------------------
-
-class ResumeRefusedError(ValueError):
-    """Resuming a state folder saved with a different config, without force."""
-
 
 TextFn = Callable[[list[str]], tuple[Tensor, Tensor]]
 
@@ -287,7 +190,7 @@ def train_tokenizer(
     if resume:
         if not (state_dir / TRAIN_CONFIG).is_file():
             raise FileNotFoundError(f"{state_dir}: no complete training state to resume from")
-        differing = config_differences(state_dir, model.config.to_dict(), config.to_dict())
+        differing = saved_config_differences(state_dir, model.config.to_dict(), config.to_dict())
         if differing and not force:
             raise ResumeRefusedError(
                 f"{state_dir} was trained with a different config ({', '.join(differing)}); "
@@ -297,7 +200,7 @@ def train_tokenizer(
         step, samples_seen, last_loss = progress["step"], progress["samples_seen"], progress["loss"]
         model.load_state_dict(safetensors.torch.load_file(state_dir / MODEL_WEIGHTS))
     else:
-        _seed_everything(config.seed)
+        seed_everything(config.seed)
 
     model.train()
     ema = EMA(model, config.ema_decay)
@@ -319,7 +222,7 @@ def train_tokenizer(
             adversary.discriminator.load_state_dict(safetensors.torch.load_file(state_dir / DISC_WEIGHTS))
             adversary.optimizer.load_state_dict(torch.load(state_dir / DISC_OPTIMIZER, weights_only=True))
         # Our own file; the numpy and python RNG states are not plain tensors.
-        _set_rng_states(torch.load(state_dir / RNG, weights_only=False))
+        set_rng_states(torch.load(state_dir / RNG, weights_only=False))
 
     data = ShardImages(shard_dir, seed=config.seed, start=samples_seen,
                        rank=accelerator.process_index, world_size=accelerator.num_processes)

@@ -1,0 +1,157 @@
+"""Pieces every training loop shares: EMA, the warm-up/cosine schedule, RNG capture, resume checks.
+
+The tokenizer and generator loops differ in their data and losses; what makes a run resumable
+bit for bit (the RNG states, the schedule, the EMA shadow) and what refuses a changed config
+lives here once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from tokenline.artifacts import atomic_dir, atomic_write_bytes, atomic_write_json
+
+# Files of every state folder; a loop may add its own (the tokenizer's discriminator).
+MODEL_WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "ema.safetensors"
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+RNG = "rng.pt"
+PROGRESS = "progress.json"
+MODEL_CONFIG = "model_config.json"
+TRAIN_CONFIG = "train_config.json"  # written last: its presence marks a complete folder
+
+__all__ = ["EMA", "ResumeRefusedError", "config_differences", "cosine_with_warmup", "rng_states", "saved_config_differences", "seed_everything", "set_rng_states", "write_state_folder"]
+
+
+class ResumeRefusedError(ValueError):
+    """Resuming a state folder saved with a different config, without force."""
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float) -> LambdaLR:
+    """Linear warmup to the base lr over `warmup` steps, then a cosine down to base * min_ratio at `total`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            # (step + 1): the very first step already learns instead of running at lr 0.
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
+
+
+class EMA:
+    """An exponential moving average of a model's parameters (the shadow), kept in float32."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        # float32 even under mixed precision: tiny per-step updates vanish in bf16.
+        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+
+    def decay_at(self, step: int) -> float:
+        """The decay used for the update after `step` updates: warmed up, capped at `decay`."""
+        # Without the warm-up a short run's EMA keeps decay**steps of the random init
+        # (0.999**1000 = 37 %): min(decay, (1 + n) / (10 + n)) forgets it early.
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        """shadow <- d * shadow + (1 - d) * parameters, d = decay_at(step) (plain `decay` without a step)."""
+        decay = self.decay if step is None else self.decay_at(step)
+        for name, p in model.named_parameters():
+            self.shadow[name].lerp_(p.detach().float(), 1.0 - decay)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The shadow tensors by parameter name."""
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Replace the shadow with saved tensors; names must match exactly."""
+        if state.keys() != self.shadow.keys():
+            missing, unexpected = sorted(self.shadow.keys() - state.keys()), sorted(state.keys() - self.shadow.keys())
+            raise ValueError(f"EMA state does not match the model: missing {missing}, unexpected {unexpected}")
+        for name, tensor in state.items():
+            self.shadow[name].copy_(tensor)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Write the shadow into the model's parameters (buffers are left as they are)."""
+        for name, p in model.named_parameters():
+            p.copy_(self.shadow[name].to(p.dtype))
+
+
+def rng_states() -> dict[str, Any]:
+    """The torch, numpy, python (and CUDA) RNG states, for a state folder."""
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what rng_states() captured."""
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and python's random."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def config_differences(saved: Mapping[str, Mapping], current: Mapping[str, Mapping], ignored: Mapping[str, set] | None = None) -> list[str]:
+    """Keys ("model.width", "train.lr") whose saved value differs, section by section; `ignored` skips keys per section."""
+    ignored = ignored or {}
+    differing = []
+    for section in sorted(saved.keys() | current.keys()):
+        old, new = saved.get(section, {}), current.get(section, {})
+        for key in sorted((old.keys() | new.keys()) - set(ignored.get(section, ()))):
+            if old.get(key) != new.get(key):
+                differing.append(f"{section}.{key}")
+    return differing
+
+
+def saved_config_differences(state_dir: str | Path, model_config: dict, train_config: dict) -> list[str]:
+    """Keys ("model.width", "train.lr") whose value in a state folder differs; `steps` may change."""
+    state_dir = Path(state_dir)
+    saved = {"model": json.loads((state_dir / MODEL_CONFIG).read_text()),
+             "train": json.loads((state_dir / TRAIN_CONFIG).read_text())}
+    # Extending a run is what resuming is for.
+    return config_differences(saved, {"model": model_config, "train": train_config}, {"train": {"steps"}})
+
+
+def write_state_folder(
+    folder: str | Path,
+    tensors: Mapping[str, Mapping[str, Tensor]],
+    objects: Mapping[str, Any],
+    documents: Mapping[str, Any],
+) -> None:
+    """Write a state folder whole or not at all: safetensors files, torch.save files, JSON documents.
+
+    The folder is built beside the old one and swapped in only once complete, so a crash (or a
+    NaN stop) mid-write leaves the last good state as it was.
+    """
+    with atomic_dir(Path(folder)) as temp:
+        for name, state in tensors.items():
+            plain = {key: t.detach().cpu().contiguous() for key, t in state.items()}
+            atomic_write_bytes(temp / name, safetensors.torch.save(plain))
+        for name, value in objects.items():
+            torch.save(value, temp / name)
+        for name, document in documents.items():
+            atomic_write_json(temp / name, document)
