@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tokenline.generator.train_config import GeneratorTrainConfig
 from tokenline.tokenizer.train_config import TrainConfig
 
 SOURCE_SCHEMES = ("openmoji", "shapes", "imagefolder", "webdataset", "coco")
@@ -133,6 +134,39 @@ class ReconEvalParams(Section):
     min_code_usage: float = Field(0.05, ge=0.0, le=1.0)  # Dagster check, discrete quantizers only
 
 
+class SamplingParams(Section):
+    """How generators sample: the sampler family, its steps, guidance and temperature."""
+
+    sampler: Literal["euler", "heun", "euler_maruyama", "time_shift"] = "euler"  # flow generators
+    steps: int = Field(25, ge=1, le=1000)  # flow: integration steps; masked: decoding rounds
+    guidance: float = Field(1.0, ge=0.0)  # classifier-free guidance scale; 1: conditional only
+    guidance_interval: tuple[float, float] | None = None  # flow: guide only while t is in (low, high]
+    temperature: float = Field(1.0, gt=0.0)  # masked: softmax temperature of sampled codes
+    seed: int = 0
+
+
+class GeneratorParams(Section):
+    """The text-to-token generator: objective, size, caption input, training and sampling."""
+
+    objective: Literal["auto", "flow", "masked"] = "auto"  # auto: masked for vq codes, flow otherwise
+    size: Literal["T", "S", "B"] = "S"  # a named size of tokenline.generator.model (SIZE_DEFAULTS)
+    text_mode: Literal["cross", "context"] = "cross"  # cross-attention, or caption tokens in context
+    model: dict[str, Any] = {}  # further GeneratorConfig fields (width, depth, heads, mlp_ratio)
+    train: GeneratorTrainConfig = GeneratorTrainConfig()
+    sample: SamplingParams = SamplingParams()
+    preview_prompts: list[str] = []  # extra prompts for the stage's sample grid (besides val captions)
+
+    @field_validator("model")
+    @classmethod
+    def _only_architecture(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Everything else comes from the token cache (K, D, codebook, text widths) or from above.
+        allowed = {"width", "depth", "heads", "mlp_ratio"}
+        for key in value:
+            if key not in allowed:
+                raise ValueError(f"generator.model.{key} is not settable; allowed: {', '.join(sorted(allowed))}")
+        return value
+
+
 class TrackingParams(Section):
     """MLflow tracking switches."""
 
@@ -156,6 +190,7 @@ class Params(Section):
     tokenizer: TokenizerParams = TokenizerParams()
     tokens: TokensParams = TokensParams()
     recon_eval: ReconEvalParams = ReconEvalParams()
+    generator: GeneratorParams = GeneratorParams()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -168,6 +203,9 @@ class Params(Section):
 
         # Sizes, patch and width must fit together; a bad combination fails here, by name.
         tokenizer_config_values(self, text_dim=0, check=True)
+        from tokenline.generator.spec import check_generator_params
+
+        check_generator_params(self)
         return self
 
     def dataset(self, name: str) -> DatasetSpec:

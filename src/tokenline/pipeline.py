@@ -123,6 +123,8 @@ def _build_registry() -> list[Stage]:
     # Imported here so `import tokenline.pipeline` stays cheap for tools that only list stages.
     from tokenline.data import checks as data_checks
     from tokenline.data import stages as data_stages
+    from tokenline.generator import checks as generator_checks
+    from tokenline.generator import stages as generator_stages
     from tokenline.tokenizer import checks as tokenizer_checks
     from tokenline.tokenizer import stages as tokenizer_stages
 
@@ -212,6 +214,22 @@ def _build_registry() -> list[Stage]:
             checks=(
                 AssetCheck("rfid_below_threshold", "recon_eval", "rFID <= recon_eval.max_rfid", tokenizer_checks.rfid_below_threshold),
                 AssetCheck("code_usage", "recon_eval", "code usage >= recon_eval.min_code_usage (discrete quantizers)", tokenizer_checks.code_usage),
+            ),
+        ),
+        Stage(
+            name="generator",
+            func=generator_stages.generator,
+            area="generator",
+            description="Train the text-to-token generator on the token cache: a flow transformer over "
+            "latents (kl, softvq, binary) or a masked transformer over vq codes; EMA weights in "
+            "models/<dataset>/generator, sample grid from val captions.",
+            inputs=("tokens", "tokenizer"),
+            outputs=("generator",),
+            models=("generator",),
+            code=("tokenizer", "text"),
+            params=("generator",),
+            checks=(
+                AssetCheck("finite_weights", "generator", "every generator weight is finite", generator_checks.finite_weights),
             ),
         ),
     ]

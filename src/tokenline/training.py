@@ -31,7 +31,7 @@ PROGRESS = "progress.json"
 MODEL_CONFIG = "model_config.json"
 TRAIN_CONFIG = "train_config.json"  # written last: its presence marks a complete folder
 
-__all__ = ["EMA", "ResumeRefusedError", "config_differences", "cosine_with_warmup", "rng_states", "saved_config_differences", "seed_everything", "set_rng_states", "write_state_folder"]
+__all__ = ["EMA", "ResumeRefusedError", "config_differences", "cosine_with_warmup", "restore_optimization", "rng_states", "saved_config_differences", "seed_everything", "set_rng_states", "write_state_folder"]
 
 
 class ResumeRefusedError(ValueError):
@@ -89,6 +89,22 @@ class EMA:
         """Write the shadow into the model's parameters (buffers are left as they are)."""
         for name, p in model.named_parameters():
             p.copy_(self.shadow[name].to(p.dtype))
+
+
+def restore_optimization(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, optimizer_file: Path,
+                         scheduler_file: Path, lr: float, weight_decay: float) -> None:
+    """Load optimizer and scheduler state, then apply the current config's lr, weight decay and schedule.
+
+    Under force a changed lr or weight decay takes effect, and a run extended to more steps
+    follows its new, longer schedule from the step it resumes at (the saved optimizer holds the
+    old schedule's lr); for an unchanged config all of this is a no-op.
+    """
+    optimizer.load_state_dict(torch.load(optimizer_file, weights_only=True))
+    scheduler.load_state_dict(torch.load(scheduler_file, weights_only=True))
+    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["weight_decay"] = weight_decay
+        group["lr"] = lr * factor(scheduler.last_epoch)
 
 
 def rng_states() -> dict[str, Any]:

@@ -45,6 +45,7 @@ from tokenline.training import (
     EMA,
     ResumeRefusedError,
     cosine_with_warmup,
+    restore_optimization,
     rng_states,
     saved_config_differences,
     seed_everything,
@@ -212,12 +213,7 @@ def train_tokenizer(
         perceptual = perceptual.to(accelerator.device)
     if resume:
         ema.load_state_dict(safetensors.torch.load_file(state_dir / EMA_WEIGHTS))
-        optimizer.load_state_dict(torch.load(state_dir / OPTIMIZER, weights_only=True))
-        scheduler.load_state_dict(torch.load(state_dir / SCHEDULER, weights_only=True))
-        # Under force, a changed lr or weight decay takes effect; unchanged, these are no-ops.
-        scheduler.base_lrs = [config.lr for _ in optimizer.param_groups]
-        for group in optimizer.param_groups:
-            group["weight_decay"] = config.weight_decay
+        restore_optimization(optimizer, scheduler, state_dir / OPTIMIZER, state_dir / SCHEDULER, config.lr, config.weight_decay)
         if adversary is not None and (state_dir / DISC_WEIGHTS).is_file():
             adversary.discriminator.load_state_dict(safetensors.torch.load_file(state_dir / DISC_WEIGHTS))
             adversary.optimizer.load_state_dict(torch.load(state_dir / DISC_OPTIMIZER, weights_only=True))

@@ -1,0 +1,1 @@
+"""Generators over 1D tokens: flow and masked transformers, samplers, training."""
