@@ -33,3 +33,14 @@ def run_stage(root: Path, stage: str, dataset: str, *overrides: str, tracking: b
     sets = [*overrides] + ([] if tracking else ["tracking.enabled=false"])
     params = load_params(root / "params.yaml", profile="tiny", overrides=sets, dataset=dataset)
     return run_with_upstream(get_stage(stage), params, dataset, root, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def generator_project(tmp_path_factory):
+    """One tiny shapes project run through the generator stage (vq tokenizer -> masked generator), shared by modules."""
+    root = tmp_path_factory.mktemp("generator_project")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    with pytest.MonkeyPatch.context() as patch:  # _isolated_mlflow is per test
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        run_stage(root, "generator", "shapes")
+    return root

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import safetensors.torch
 import torch
 
-from conftest import REPO, run_stage
 from tokenline.artifacts import read_manifest
 from tokenline.generator.checkpoint import load_generator
 from tokenline.generator.generate import SamplingOptions, generate_images
@@ -24,14 +22,9 @@ from tokenline.training import ResumeRefusedError
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """A tiny shapes project run through the generator stage (vq tokenizer -> masked generator)."""
-    root = tmp_path_factory.mktemp("generator_project")
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    with pytest.MonkeyPatch.context() as patch:  # conftest's MLflow isolation is per test
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        run_stage(root, "generator", "shapes")
-    return root
+def built(generator_project):
+    """The shared tiny shapes project, run through the generator stage."""
+    return generator_project
 
 
 def flow_model(cache: TokenCache) -> FlowTransformer:

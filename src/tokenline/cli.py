@@ -48,6 +48,7 @@ def run(
     """Run STAGE (after any stale upstream stage) on every active dataset, or on --dataset."""
     from tokenline.pipeline import STAGES, get_stage
     from tokenline.runner import MissingInputError, run_with_upstream
+    from tokenline.generator.checkpoint import PairingError
     from tokenline.model_checkpoint import CheckpointError
     from tokenline.tokenizer.token_cache import StaleTokenCacheError
     from tokenline.training import ResumeRefusedError
@@ -68,7 +69,7 @@ def run(
         for target in targets:
             try:
                 outcomes = run_with_upstream(target, params, name, root, upstream=upstream, force=force, resume=resume)
-            except (MissingInputError, FileNotFoundError, ResumeRefusedError, CheckpointError, StaleTokenCacheError) as error:
+            except (MissingInputError, FileNotFoundError, ResumeRefusedError, CheckpointError, StaleTokenCacheError, PairingError) as error:
                 typer.secho(f"error: {error}", fg="red", err=True)
                 raise typer.Exit(1)
             for outcome in outcomes:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tokenline.eval.probe_config import ProbeTrainConfig
 from tokenline.generator.train_config import GeneratorTrainConfig
 from tokenline.tokenizer.train_config import TrainConfig
 
@@ -167,6 +168,36 @@ class GeneratorParams(Section):
         return value
 
 
+class ProbeParams(Section):
+    """The text-alignment probe (LiT, text side locked): image tower size and training."""
+
+    model: dict[str, Any] = {}  # ProbeConfig fields: width, layers, heads, patch_size, embed_dim
+    train: ProbeTrainConfig = ProbeTrainConfig()
+    group: int = Field(100, ge=2)  # caption retrieval R@1 among this many captions
+
+    @field_validator("model")
+    @classmethod
+    def _only_architecture(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # image_size and text_dim come from data.resolution and the text encoder.
+        allowed = {"width", "layers", "heads", "patch_size", "embed_dim"}
+        for key in value:
+            if key not in allowed:
+                raise ValueError(f"probe.model.{key} is not settable; allowed: {', '.join(sorted(allowed))}")
+        return value
+
+
+class GenEvalParams(Section):
+    """Generation eval: sample count, the sweeps behind the report's plots, and the FID check."""
+
+    samples: int = Field(500, ge=2)  # generated images = real reference images (val first, then train)
+    kid_subset_size: int = Field(100, ge=2)  # KID subset size (capped by the sample count)
+    probe_group: int = Field(100, ge=2)  # R@1 among this many captions
+    steps_sweep: list[int] = [1, 4, 8, 25]  # FID and ms/image vs sampling steps
+    guidance_sweep: list[float] = [1.0, 3.0]  # FID vs guidance scale
+    samplers: list[Literal["euler", "heun", "euler_maruyama", "time_shift"]] = ["euler", "heun", "euler_maruyama", "time_shift"]
+    max_fid: float = Field(300.0, gt=0)  # Dagster check: FID at most this
+
+
 class TrackingParams(Section):
     """MLflow tracking switches."""
 
@@ -191,6 +222,8 @@ class Params(Section):
     tokens: TokensParams = TokensParams()
     recon_eval: ReconEvalParams = ReconEvalParams()
     generator: GeneratorParams = GeneratorParams()
+    probe: ProbeParams = ProbeParams()
+    gen_eval: GenEvalParams = GenEvalParams()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -123,6 +123,8 @@ def _build_registry() -> list[Stage]:
     # Imported here so `import tokenline.pipeline` stays cheap for tools that only list stages.
     from tokenline.data import checks as data_checks
     from tokenline.data import stages as data_stages
+    from tokenline.eval import checks as eval_checks
+    from tokenline.eval import stages as eval_stages
     from tokenline.generator import checks as generator_checks
     from tokenline.generator import stages as generator_stages
     from tokenline.tokenizer import checks as tokenizer_checks
@@ -230,6 +232,34 @@ def _build_registry() -> list[Stage]:
             params=("generator",),
             checks=(
                 AssetCheck("finite_weights", "generator", "every generator weight is finite", generator_checks.finite_weights),
+            ),
+        ),
+        Stage(
+            name="probe",
+            func=eval_stages.probe,
+            area="eval",
+            description="Text-alignment probe: a small open_clip ViT trained contrastively against the frozen "
+            "caption encoder on the real train images (LiT, text side locked), for probe_score and R@1.",
+            inputs=("shards", "captions"),
+            outputs=("probe",),
+            models=("probe",),
+            code=("text", "tokenizer"),
+            params=("data", "tokenizer", "probe"),
+        ),
+        Stage(
+            name="gen_eval",
+            func=eval_stages.gen_eval,
+            area="eval",
+            description="Generation eval: FID/KID vs real images (offline FID Inception), probe alignment of "
+            "generated vs real images, shapes compositional accuracy, and FID/ms per image vs steps, guidance "
+            "and sampler.",
+            inputs=("generator", "tokenizer", "probe", "shards", "captions"),
+            outputs=("gen_eval",),
+            code=("generator", "tokenizer", "text"),
+            params=("generator", "gen_eval"),
+            report=True,
+            checks=(
+                AssetCheck("fid_below_threshold", "gen_eval", "FID <= gen_eval.max_fid", eval_checks.fid_below_threshold),
             ),
         ),
     ]

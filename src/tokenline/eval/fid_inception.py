@@ -273,3 +273,17 @@ def kernel_inception_distance(
     # the stock Inception path applies; this is the stock network, so keep the stock input handling.
     metric.used_custom_model = False
     return metric
+
+
+def inception_features(feature: int = 2048) -> torch.nn.Module:
+    """torchmetrics' Inception feature network on the offline weights: uint8 [B, 3, H, W] -> [B, feature] (eval mode).
+
+    The same module and input path the FID and KID metrics use, for callers that keep features
+    themselves (a fixed reference set scored against many generated sets).
+    """
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    layer = _check_feature(feature)
+    return NoTrainInceptionV3(
+        name=EXTRACTOR_NAME, features_list=[layer], feature_extractor_weights_path=str(fid_weights_path())
+    ).eval()

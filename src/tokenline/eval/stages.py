@@ -1,0 +1,170 @@
+"""The eval stages of the lineage: `probe` (train the text-alignment probe) and `gen_eval` (score a generator)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tokenline.artifacts import atomic_write_json, read_manifest
+from tokenline.data.stages import iter_shard_samples, read_jsonl
+from tokenline.pipeline import StageContext, StageResult
+from tokenline.tokenizer.pixels import samples_to_batch, tensor_to_image
+
+TRAINING = "training.json"
+
+
+def _captions(ctx: StageContext) -> dict[str, str]:
+    """Sample key -> caption from the captions stage."""
+    return {row["key"]: row["caption"] for row in read_jsonl(ctx.inputs["captions"] / "captions.jsonl")}
+
+
+def _text_encoder(ctx: StageContext):
+    """The frozen caption encoder params name, through the project's embedding cache."""
+    from tokenline.text import TextEmbeddingCache
+    from tokenline.tokenizer.caption_text import params_text_encoder, text_cache_dir
+
+    return TextEmbeddingCache(text_cache_dir(ctx.root), params_text_encoder(ctx.params))
+
+
+def reference_samples(ctx: StageContext, count: int) -> list[dict]:
+    """Up to `count` real samples for the eval: the val split first, then train; captions from the captions stage."""
+    captions = _captions(ctx)
+    samples: list[dict] = []
+    for split in ("val", "train"):
+        for sample in iter_shard_samples(ctx.inputs["shards"], split):
+            if len(samples) >= count:
+                return samples
+            sample["caption"] = captions.get(sample["key"], sample["caption"])
+            samples.append(sample)
+    return samples
+
+
+def reference_samples_split(ctx: StageContext, split: str) -> list[dict]:
+    """Every sample of one split, with its caption from the captions stage."""
+    captions = _captions(ctx)
+    samples = list(iter_shard_samples(ctx.inputs["shards"], split))
+    for sample in samples:
+        sample["caption"] = captions.get(sample["key"], sample["caption"])
+    return samples
+
+
+# --------------------------------------------------------------------------------------
+# probe
+# --------------------------------------------------------------------------------------
+
+
+def probe(ctx: StageContext) -> StageResult:
+    """Train the LiT-style alignment probe on the real train images against the frozen caption embeddings."""
+    from tokenline.eval.probe import ProbeConfig, probe_scores, save_probe, train_probe
+
+    p = ctx.params.probe
+    size = ctx.params.data.resolution
+    samples = reference_samples_split(ctx, "train")
+    images = samples_to_batch(samples, size)
+    pooled = _text_encoder(ctx).encode([s["caption"] for s in samples]).pooled.float()
+    config = ProbeConfig(**({"image_size": size, "text_dim": pooled.shape[-1]} | p.model))
+    model, summary = train_probe(images, pooled, config, p.train, log_fn=ctx.tracker.log_metrics)
+    out = ctx.outputs["probe"]
+    save_probe(model, out)
+    held_out = reference_samples_split(ctx, "val")
+    scored = held_out if len(held_out) >= 2 else samples
+    scores = probe_scores(model, samples_to_batch(scored, size),
+                          _text_encoder(ctx).encode([s["caption"] for s in scored]).pooled.float(),
+                          group=min(p.group, len(scored)))
+    atomic_write_json(out / TRAINING, {**summary, "train": p.train.to_dict(), "real_scores": scores,
+                                       "scored_split": "val" if scored is held_out else "train"})
+    metrics = {"final_loss": float(summary["final_loss"]), "real_probe_score": float(scores["probe_score"]),
+               "real_probe_r1": float(scores["probe_r1"])}
+    return StageResult(counts={"images": len(samples), "steps": int(summary["steps"])}, metrics=metrics)
+
+
+# --------------------------------------------------------------------------------------
+# gen_eval
+# --------------------------------------------------------------------------------------
+
+
+def _timed_generation(generator, tokenizer, prompts: list[str], encoder, options) -> tuple[Tensor, float, int]:
+    """(images, milliseconds per image, network evaluations per batch) of one sampling setup."""
+    from tokenline.generator.generate import generate_images
+
+    started = time.perf_counter()
+    images, nfe = generate_images(generator, tokenizer, prompts, encoder, options)
+    return images, 1000.0 * (time.perf_counter() - started) / max(1, len(prompts)), nfe
+
+
+def gen_eval(ctx: StageContext) -> StageResult:
+    """FID/KID against real images, probe alignment, shapes accuracy and the steps/guidance/sampler sweeps."""
+    from dataclasses import replace
+
+    from tokenline.eval.generation import GenerationMetrics
+    from tokenline.eval.probe import load_probe, probe_scores
+    from tokenline.generator.checkpoint import check_pairing, load_generator
+    from tokenline.generator.generate import SamplingOptions
+    from tokenline.tokenizer.model import Tokenizer1D
+
+    p = ctx.params.gen_eval
+    generator_dir, tokenizer_dir = ctx.inputs["generator"], ctx.inputs["tokenizer"]
+    tokenizer_hash = read_manifest(tokenizer_dir)["content_hash"]
+    check_pairing(generator_dir, tokenizer_dir, tokenizer_hash)
+    generator = load_generator(generator_dir)
+    tokenizer = Tokenizer1D.from_checkpoint(tokenizer_dir)
+    encoder = _text_encoder(ctx)
+    samples = reference_samples(ctx, p.samples)
+    if len(samples) < 2:
+        raise ValueError(f"gen_eval needs at least 2 real images in {ctx.inputs['shards']}, found {len(samples)}")
+    prompts = [s["caption"] for s in samples]
+    real = samples_to_batch(samples, tokenizer.config.image_size)
+    metrics = GenerationMetrics(real, kid_subset_size=p.kid_subset_size)
+    base = SamplingOptions(**ctx.params.generator.sample.model_dump())
+
+    images, ms, nfe = _timed_generation(generator, tokenizer, prompts, encoder, base)
+    report: dict[str, Any] = {**metrics.score(images), "ms_per_image": ms, "nfe": nfe}
+
+    probe_model = load_probe(ctx.inputs["probe"])
+    pooled = encoder.encode(prompts).pooled.float()
+    group = min(p.probe_group, len(samples))
+    generated_scores = probe_scores(probe_model, images, pooled, group=group)
+    real_scores = probe_scores(probe_model, real, pooled, group=group)
+    report |= {"probe_score": generated_scores["probe_score"], "probe_r1": generated_scores["probe_r1"],
+               "probe_score_real": real_scores["probe_score"], "probe_r1_real": real_scores["probe_r1"]}
+
+    if ctx.params.dataset(ctx.dataset).source == "shapes":
+        from tokenline.eval.compositional import score_images
+
+        shapes = score_images([tensor_to_image(image) for image in images], prompts)
+        report |= {key: shapes[key] for key in ("shapes_color_acc", "shapes_shape_acc", "shapes_count_acc", "shapes_position_acc")}
+        report["shapes_by_count"] = shapes["by_count"]
+
+    sweeps: dict[str, list[dict]] = {"steps": [], "guidance": [], "samplers": []}
+    objective = generator.config.objective
+    for steps in p.steps_sweep:
+        options = replace(base, steps=steps)
+        swept, ms, nfe = _timed_generation(generator, tokenizer, prompts, encoder, options)
+        sweeps["steps"].append({"steps": steps, "fid": metrics.score(swept)["fid"], "ms_per_image": ms, "nfe": nfe})
+    for scale in p.guidance_sweep:
+        swept, ms, nfe = _timed_generation(generator, tokenizer, prompts, encoder, replace(base, guidance=scale))
+        sweeps["guidance"].append({"guidance": scale, "fid": metrics.score(swept)["fid"], "ms_per_image": ms, "nfe": nfe})
+    if objective == "flow":
+        for sampler in p.samplers:
+            swept, ms, nfe = _timed_generation(generator, tokenizer, prompts, encoder, replace(base, sampler=sampler))
+            sweeps["samplers"].append({"sampler": sampler, "steps": base.steps, "fid": metrics.score(swept)["fid"],
+                                       "ms_per_image": ms, "nfe": nfe})
+
+    report["sweeps"] = sweeps
+    report["protocol"] = {
+        "samples": len(samples), "reference": "val split first, then train; prompts are their captions",
+        "objective": objective, **base.describe(), "fid": metrics.protocol(),
+        "probe": f"LiT probe ({ctx.inputs['probe'].relative_to(ctx.root)}); R@1 among groups of {group}",
+        "ms_per_image": f"wall time of prompt encoding, sampling and decoding in batches of 64 on "
+                        f"{'CUDA' if torch.cuda.is_available() else 'CPU'}, {torch.get_num_threads()} threads",
+    }
+    report |= {"generator": str(generator_dir.relative_to(ctx.root)), "generator_hash": read_manifest(generator_dir)["content_hash"],
+               "tokenizer": str(tokenizer_dir.relative_to(ctx.root)), "tokenizer_hash": tokenizer_hash}
+    atomic_write_json(ctx.outputs["gen_eval"] / "metrics.json", report)
+    previews = [(tensor_to_image(image), prompt) for image, prompt in zip(images[: ctx.params.tracking.contact_sheet], prompts)]
+    numbers = {key: float(value) for key, value in report.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return StageResult(counts={"samples": len(samples)}, metrics=numbers, report=report, samples=previews)
