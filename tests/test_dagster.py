@@ -34,7 +34,8 @@ def test_definitions_load_with_every_output_as_an_asset(monkeypatch):
             assert node.group_name == stage.area
             assert node.partitions_def.get_partition_keys() == ["openmoji", "shapes"]
     check_names = {key.name for key in graph.asset_check_keys}
-    assert {"counts_add_up", "accept_rate", "rejects_have_reasons", "finite_weights", "rfid_below_threshold", "code_usage"} <= check_names
+    assert {"counts_add_up", "accept_rate", "rejects_have_reasons", "finite_weights", "rfid_below_threshold", "code_usage",
+            "fid_below_threshold"} <= check_names
 
 
 @pytest.mark.parametrize("dataset", ["openmoji", "shapes"])
@@ -49,10 +50,13 @@ def test_materialize_every_asset_on_tiny(project, dataset):
     assert result.success
     materialized = {event.asset_key.path[0] for event in result.get_asset_materialization_events()}
     assert materialized == ALL_OUTPUTS
-    checks = {evaluation.check_name: evaluation.passed for evaluation in result.get_asset_check_evaluations()}
-    assert checks == {name: True for name in (
+    checks = {(e.asset_key.path[0], e.check_name): e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {(check.output, check.name): True for stage in STAGES for check in stage.checks}
+    assert {name for _, name in checks} == {
         "counts_add_up", "accept_rate", "rejects_have_reasons", "finite_weights", "rfid_below_threshold", "code_usage",
-    )}
+        "fid_below_threshold",
+    }
+    assert ("generator", "finite_weights") in checks and ("tokenizer", "finite_weights") in checks
     shards_event = next(e for e in result.get_asset_materialization_events() if e.asset_key.path == ["shards"])
     metadata = shards_event.materialization.metadata
     assert metadata["count_train"].value + metadata["count_val"].value == 48

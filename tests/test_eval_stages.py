@@ -13,7 +13,7 @@ from tokenline.config import load_params
 from tokenline.eval import checks
 from tokenline.eval.probe import load_probe
 from tokenline.generator.checkpoint import PairingError
-from tokenline.pipeline import output_path, report_path
+from tokenline.pipeline import output_path, report_path, samples_path
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,7 @@ def test_probe_checkpoint_and_its_real_image_scores(evaluated):
     assert probe.config.image_size == 32 and probe.config.text_dim == 384
     training = json.loads((folder / "training.json").read_text())
     assert training["steps"] == 6 and 0.0 <= training["real_scores"]["probe_r1"] <= 1.0
+    assert samples_path(evaluated, "shapes", "probe").is_file()  # DVC tracks every stage's contact sheet
 
 
 def test_gen_eval_report_carries_every_number_and_its_protocol(evaluated):

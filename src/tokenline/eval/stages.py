@@ -78,7 +78,20 @@ def probe(ctx: StageContext) -> StageResult:
                                        "scored_split": "val" if scored is held_out else "train"})
     metrics = {"final_loss": float(summary["final_loss"]), "real_probe_score": float(scores["probe_score"]),
                "real_probe_r1": float(scores["probe_r1"])}
-    return StageResult(counts={"images": len(samples), "steps": int(summary["steps"])}, metrics=metrics)
+    previews = retrieval_previews(model, scored[: ctx.params.tracking.contact_sheet], ctx)
+    return StageResult(counts={"images": len(samples), "steps": int(summary["steps"])}, metrics=metrics, samples=previews)
+
+
+@torch.no_grad()
+def retrieval_previews(model, samples: list[dict], ctx: StageContext) -> list[tuple]:
+    """(image, the caption the probe ranks first among these samples' captions) for the contact sheet."""
+    if not samples:
+        return []
+    captions = [s["caption"] for s in samples]
+    images = model.encode_images(samples_to_batch(samples, ctx.params.data.resolution))
+    texts = model.encode_texts(_text_encoder(ctx).encode(captions).pooled.float())
+    best = (images @ texts.T).argmax(dim=1).tolist()
+    return [(s["image"], ("= " if captions[b] == s["caption"] else "≠ ") + captions[b]) for s, b in zip(samples, best)]
 
 
 # --------------------------------------------------------------------------------------
