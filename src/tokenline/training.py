@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,7 +32,7 @@ PROGRESS = "progress.json"
 MODEL_CONFIG = "model_config.json"
 TRAIN_CONFIG = "train_config.json"  # written last: its presence marks a complete folder
 
-__all__ = ["EMA", "ResumeRefusedError", "config_differences", "cosine_with_warmup", "restore_optimization", "rng_states", "saved_config_differences", "seed_everything", "set_rng_states", "write_state_folder"]
+__all__ = ["EMA", "ResumeRefusedError", "config_differences", "cosine_with_warmup", "RunStart", "restore_optimization", "restore_run", "rng_states", "saved_config_differences", "seed_everything", "set_rng_states", "start_run", "write_state_folder"]
 
 
 class ResumeRefusedError(ValueError):
@@ -171,3 +172,43 @@ def write_state_folder(
             torch.save(value, temp / name)
         for name, document in documents.items():
             atomic_write_json(temp / name, document)
+
+
+@dataclass
+class RunStart:
+    """Where a training run starts: the step, the samples seen and the last loss."""
+
+    step: int = 0
+    samples_seen: int = 0
+    loss: float = float("nan")
+
+
+def start_run(model: nn.Module, state_dir: Path, train_config, resume: bool, force: bool, stage: str) -> RunStart:
+    """A fresh run seeds everything from the config; a resumed one checks the saved config, then loads weights and progress.
+
+    Refuses (ResumeRefusedError, naming the keys) a state saved with another model or train
+    config unless `force`; a missing or incomplete state folder is a FileNotFoundError.
+    """
+    if not resume:
+        seed_everything(train_config.seed)
+        return RunStart()
+    if not (state_dir / TRAIN_CONFIG).is_file():
+        raise FileNotFoundError(f"{state_dir}: no complete training state to resume from")
+    differing = saved_config_differences(state_dir, model.config.to_dict(), train_config.to_dict())
+    if differing and not force:
+        raise ResumeRefusedError(
+            f"{state_dir} was trained with a different config ({', '.join(differing)}); "
+            f"pass force=True (`tokenline run {stage} --resume --force`) to resume anyway"
+        )
+    progress = json.loads((state_dir / PROGRESS).read_text())
+    model.load_state_dict(safetensors.torch.load_file(state_dir / MODEL_WEIGHTS))
+    return RunStart(progress["step"], progress["samples_seen"], progress["loss"])
+
+
+def restore_run(state_dir: Path, ema: EMA, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, lr: float,
+                weight_decay: float) -> None:
+    """Load a resumed run's EMA, optimizer, schedule and RNG states, once every RNG-drawing module is built."""
+    ema.load_state_dict(safetensors.torch.load_file(state_dir / EMA_WEIGHTS))
+    restore_optimization(optimizer, scheduler, state_dir / OPTIMIZER, state_dir / SCHEDULER, lr, weight_decay)
+    # Our own file; the numpy and python RNG states are not plain tensors.
+    set_rng_states(torch.load(state_dir / RNG, weights_only=False))

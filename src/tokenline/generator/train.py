@@ -13,12 +13,10 @@ whatever the split's length, which DDP needs.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-import safetensors.torch
 import torch
 from torch import Tensor
 from tqdm import tqdm
@@ -39,13 +37,10 @@ from tokenline.training import (
     SCHEDULER,
     TRAIN_CONFIG,
     EMA,
-    ResumeRefusedError,
     cosine_with_warmup,
-    restore_optimization,
+    restore_run,
     rng_states,
-    saved_config_differences,
-    seed_everything,
-    set_rng_states,
+    start_run,
     write_state_folder,
 )
 
@@ -107,30 +102,15 @@ def train_generator(
                          f"(quantizer {cache.meta['quantizer']!r})")
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
 
-    step, samples_seen, last_loss = 0, 0, float("nan")
-    if resume:
-        if not (state_dir / TRAIN_CONFIG).is_file():
-            raise FileNotFoundError(f"{state_dir}: no complete training state to resume from")
-        differing = saved_config_differences(state_dir, model.config.to_dict(), config.to_dict())
-        if differing and not force:
-            raise ResumeRefusedError(
-                f"{state_dir} was trained with a different config ({', '.join(differing)}); "
-                "pass force=True (`tokenline run generator --resume --force`) to resume anyway"
-            )
-        progress = json.loads((state_dir / PROGRESS).read_text())
-        step, samples_seen, last_loss = progress["step"], progress["samples_seen"], progress["loss"]
-        model.load_state_dict(safetensors.torch.load_file(state_dir / MODEL_WEIGHTS))
-    else:
-        seed_everything(config.seed)
+    begun = start_run(model, state_dir, config, resume, force, "generator")
+    step, samples_seen, last_loss = begun.step, begun.samples_seen, begun.loss
 
     model.train()
     ema = EMA(model, config.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = cosine_with_warmup(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
     if resume:
-        ema.load_state_dict(safetensors.torch.load_file(state_dir / EMA_WEIGHTS))
-        restore_optimization(optimizer, scheduler, state_dir / OPTIMIZER, state_dir / SCHEDULER, config.lr, config.weight_decay)
-        set_rng_states(torch.load(state_dir / RNG, weights_only=False))  # our own file
+        restore_run(state_dir, ema, optimizer, scheduler, config.lr, config.weight_decay)
 
     batches = cache_batches(cache, config.batch_size, config.seed, samples_seen,
                             accelerator.process_index, accelerator.num_processes)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-import json
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -45,11 +44,10 @@ from tokenline.training import (
     EMA,
     ResumeRefusedError,
     cosine_with_warmup,
-    restore_optimization,
+    restore_run,
     rng_states,
     saved_config_differences,
-    seed_everything,
-    set_rng_states,
+    start_run,
     write_state_folder,
 )
 
@@ -187,21 +185,8 @@ def train_tokenizer(
         raise ValueError("the model is text-conditioned (text_dim > 0): pass text_fn to give each batch its captions")
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
 
-    step, samples_seen, last_loss = 0, 0, float("nan")
-    if resume:
-        if not (state_dir / TRAIN_CONFIG).is_file():
-            raise FileNotFoundError(f"{state_dir}: no complete training state to resume from")
-        differing = saved_config_differences(state_dir, model.config.to_dict(), config.to_dict())
-        if differing and not force:
-            raise ResumeRefusedError(
-                f"{state_dir} was trained with a different config ({', '.join(differing)}); "
-                "pass force=True (`tokenline run tokenizer --resume --force`) to resume anyway"
-            )
-        progress = json.loads((state_dir / PROGRESS).read_text())
-        step, samples_seen, last_loss = progress["step"], progress["samples_seen"], progress["loss"]
-        model.load_state_dict(safetensors.torch.load_file(state_dir / MODEL_WEIGHTS))
-    else:
-        seed_everything(config.seed)
+    begun = start_run(model, state_dir, config, resume, force, "tokenizer")
+    step, samples_seen, last_loss = begun.step, begun.samples_seen, begun.loss
 
     model.train()
     ema = EMA(model, config.ema_decay)
@@ -212,13 +197,10 @@ def train_tokenizer(
     if perceptual is not None:
         perceptual = perceptual.to(accelerator.device)
     if resume:
-        ema.load_state_dict(safetensors.torch.load_file(state_dir / EMA_WEIGHTS))
-        restore_optimization(optimizer, scheduler, state_dir / OPTIMIZER, state_dir / SCHEDULER, config.lr, config.weight_decay)
+        restore_run(state_dir, ema, optimizer, scheduler, config.lr, config.weight_decay)
         if adversary is not None and (state_dir / DISC_WEIGHTS).is_file():
             adversary.discriminator.load_state_dict(safetensors.torch.load_file(state_dir / DISC_WEIGHTS))
             adversary.optimizer.load_state_dict(torch.load(state_dir / DISC_OPTIMIZER, weights_only=True))
-        # Our own file; the numpy and python RNG states are not plain tensors.
-        set_rng_states(torch.load(state_dir / RNG, weights_only=False))
 
     data = ShardImages(shard_dir, seed=config.seed, start=samples_seen,
                        rank=accelerator.process_index, world_size=accelerator.num_processes)
