@@ -35,6 +35,17 @@ def run_stage(root: Path, stage: str, dataset: str, *overrides: str, tracking: b
     return run_with_upstream(get_stage(stage), params, dataset, root, **kwargs)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module of small-tensor tests (threads stall on a busy 2-core machine)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def generator_project(tmp_path_factory):
     """One tiny shapes project run through the generator stage (vq tokenizer -> masked generator), shared by modules."""

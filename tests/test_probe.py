@@ -41,17 +41,11 @@ SHAPES = 300
 TRAIN = ProbeTrainConfig(steps=150, batch_size=100, warmup_steps=10, seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread, as the shared 2-core machine needs; the caller's count comes back afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def encoder(_one_thread) -> MiniLMEncoder:
+def encoder(one_torch_thread) -> MiniLMEncoder:
     """The project's frozen text encoder, loaded once."""
     return MiniLMEncoder()
 

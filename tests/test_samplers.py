@@ -51,13 +51,7 @@ def toy_velocity(x, t):
     return (0.8 - 1.5 * t) * x + 0.3 * t - 0.2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Elementwise work on small tensors: threads gain little and stall on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
