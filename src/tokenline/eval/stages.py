@@ -9,29 +9,17 @@ import torch
 from torch import Tensor
 
 from tokenline.artifacts import atomic_write_json, read_manifest
-from tokenline.data.stages import iter_shard_samples, read_jsonl
+from tokenline.data.stages import iter_shard_samples
 from tokenline.pipeline import StageContext, StageResult
+from tokenline.tokenizer.caption_text import cached_text_encoder, caption_map
 from tokenline.tokenizer.pixels import samples_to_batch, tensor_to_image
 
 TRAINING = "training.json"
 
 
-def _captions(ctx: StageContext) -> dict[str, str]:
-    """Sample key -> caption from the captions stage."""
-    return {row["key"]: row["caption"] for row in read_jsonl(ctx.inputs["captions"] / "captions.jsonl")}
-
-
-def _text_encoder(ctx: StageContext):
-    """The frozen caption encoder params name, through the project's embedding cache."""
-    from tokenline.text import TextEmbeddingCache
-    from tokenline.tokenizer.caption_text import params_text_encoder, text_cache_dir
-
-    return TextEmbeddingCache(text_cache_dir(ctx.root), params_text_encoder(ctx.params))
-
-
 def reference_samples(ctx: StageContext, count: int) -> list[dict]:
     """Up to `count` real samples for the eval: the val split first, then train; captions from the captions stage."""
-    captions = _captions(ctx)
+    captions = caption_map(ctx.inputs["captions"])
     samples: list[dict] = []
     for split in ("val", "train"):
         for sample in iter_shard_samples(ctx.inputs["shards"], split):
@@ -44,7 +32,7 @@ def reference_samples(ctx: StageContext, count: int) -> list[dict]:
 
 def reference_samples_split(ctx: StageContext, split: str) -> list[dict]:
     """Every sample of one split, with its caption from the captions stage."""
-    captions = _captions(ctx)
+    captions = caption_map(ctx.inputs["captions"])
     samples = list(iter_shard_samples(ctx.inputs["shards"], split))
     for sample in samples:
         sample["caption"] = captions.get(sample["key"], sample["caption"])
@@ -64,7 +52,8 @@ def probe(ctx: StageContext) -> StageResult:
     size = ctx.params.data.resolution
     samples = reference_samples_split(ctx, "train")
     images = samples_to_batch(samples, size)
-    pooled = _text_encoder(ctx).encode([s["caption"] for s in samples]).pooled.float()
+    encoder = cached_text_encoder(ctx.root, ctx.params)
+    pooled = encoder.encode([s["caption"] for s in samples]).pooled.float()
     config = ProbeConfig(**({"image_size": size, "text_dim": pooled.shape[-1]} | p.model))
     model, summary = train_probe(images, pooled, config, p.train, log_fn=ctx.tracker.log_metrics)
     out = ctx.outputs["probe"]
@@ -72,24 +61,24 @@ def probe(ctx: StageContext) -> StageResult:
     held_out = reference_samples_split(ctx, "val")
     scored = held_out if len(held_out) >= 2 else samples
     scores = probe_scores(model, samples_to_batch(scored, size),
-                          _text_encoder(ctx).encode([s["caption"] for s in scored]).pooled.float(),
+                          encoder.encode([s["caption"] for s in scored]).pooled.float(),
                           group=min(p.group, len(scored)))
     atomic_write_json(out / TRAINING, {**summary, "train": p.train.to_dict(), "real_scores": scores,
                                        "scored_split": "val" if scored is held_out else "train"})
     metrics = {"final_loss": float(summary["final_loss"]), "real_probe_score": float(scores["probe_score"]),
                "real_probe_r1": float(scores["probe_r1"])}
-    previews = retrieval_previews(model, scored[: ctx.params.tracking.contact_sheet], ctx)
+    previews = retrieval_previews(model, scored[: ctx.params.tracking.contact_sheet], encoder, ctx.params.data.resolution)
     return StageResult(counts={"images": len(samples), "steps": int(summary["steps"])}, metrics=metrics, samples=previews)
 
 
 @torch.no_grad()
-def retrieval_previews(model, samples: list[dict], ctx: StageContext) -> list[tuple]:
+def retrieval_previews(model, samples: list[dict], encoder, size: int) -> list[tuple]:
     """(image, the caption the probe ranks first among these samples' captions) for the contact sheet."""
     if not samples:
         return []
     captions = [s["caption"] for s in samples]
-    images = model.encode_images(samples_to_batch(samples, ctx.params.data.resolution))
-    texts = model.encode_texts(_text_encoder(ctx).encode(captions).pooled.float())
+    images = model.encode_images(samples_to_batch(samples, size))
+    texts = model.encode_texts(encoder.encode(captions).pooled.float())
     best = (images @ texts.T).argmax(dim=1).tolist()
     return [(s["image"], ("= " if captions[b] == s["caption"] else "≠ ") + captions[b]) for s, b in zip(samples, best)]
 
@@ -124,7 +113,7 @@ def gen_eval(ctx: StageContext) -> StageResult:
     check_pairing(generator_dir, tokenizer_dir, tokenizer_hash)
     generator = load_generator(generator_dir)
     tokenizer = Tokenizer1D.from_checkpoint(tokenizer_dir)
-    encoder = _text_encoder(ctx)
+    encoder = cached_text_encoder(ctx.root, ctx.params)
     samples = reference_samples(ctx, p.samples)
     if len(samples) < 2:
         raise ValueError(f"gen_eval needs at least 2 real images in {ctx.inputs['shards']}, found {len(samples)}")

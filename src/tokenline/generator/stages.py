@@ -30,8 +30,7 @@ def generator(ctx: StageContext) -> StageResult:
     from tokenline.generator.model import GeneratorConfig, build_generator, num_params
     from tokenline.generator.spec import generator_config_values
     from tokenline.generator.train import CHECKPOINT, train_generator
-    from tokenline.text import TextEmbeddingCache
-    from tokenline.tokenizer.caption_text import params_text_encoder, text_cache_dir
+    from tokenline.tokenizer.caption_text import cached_text_encoder
     from tokenline.tokenizer.model import Tokenizer1D
     from tokenline.tokenizer.pixels import tensor_to_image
 
@@ -64,7 +63,7 @@ def generator(ctx: StageContext) -> StageResult:
     })
 
     prompts = preview_prompts(ctx, cache)
-    encoder = TextEmbeddingCache(text_cache_dir(ctx.root), params_text_encoder(ctx.params))
+    encoder = cached_text_encoder(ctx.root, ctx.params)
     options = SamplingOptions(**p.sample.model_dump())
     with torch.no_grad():
         images, _ = generate_images(trained, Tokenizer1D.from_checkpoint(tokenizer_dir), prompts, encoder, options)

@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import ConfigDict
 
+from tokenline.tokenizer.train_config import check_loop_settings
+
 
 @dataclass
 class GeneratorTrainConfig:
@@ -36,13 +38,7 @@ class GeneratorTrainConfig:
     replace_prob: float = 0.0     # masked: share of corrupted codes replaced by random codes (VQ-Diffusion)
 
     def __post_init__(self):
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', not {self.mixed_precision!r}")
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), not {self.ema_decay}")
+        check_loop_settings(self)
         for name in ("caption_dropout", "replace_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), not {getattr(self, name)}")

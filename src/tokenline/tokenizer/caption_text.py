@@ -29,6 +29,18 @@ def params_text_encoder(params: Params) -> TextEncoder:
     return build_text_encoder("openclip", p.text_encoder_path)
 
 
+def cached_text_encoder(root: Path, params: Params) -> TextEmbeddingCache:
+    """The params' frozen text encoder behind the project's per-caption embedding cache."""
+    return TextEmbeddingCache(text_cache_dir(root), params_text_encoder(params))
+
+
+def caption_map(captions_dir: Path) -> dict[str, str]:
+    """Sample key -> caption from a captions stage output folder."""
+    from tokenline.data.stages import read_jsonl
+
+    return {row["key"]: row["caption"] for row in read_jsonl(Path(captions_dir) / "captions.jsonl")}
+
+
 def cut_or_pad(states: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
     """Token states [B, T, D] and mask [B, T] cut or zero-padded to exactly `length` positions."""
     states, mask = states[:, :length], mask[:, :length].bool()

@@ -9,19 +9,14 @@ import torch
 from PIL import Image
 
 from tokenline.artifacts import atomic_write_json, read_manifest
-from tokenline.data.stages import iter_shard_samples, read_jsonl
+from tokenline.data.stages import iter_shard_samples
 from tokenline.pipeline import StageContext, StageResult, work_path
-from tokenline.tokenizer.caption_text import CaptionTexts, params_text_encoder, text_cache_dir
+from tokenline.tokenizer.caption_text import CaptionTexts, cached_text_encoder, caption_map, params_text_encoder, text_cache_dir
 from tokenline.tokenizer.model import Tokenizer1D
 from tokenline.tokenizer.pixels import samples_to_batch, tensor_to_image
 
 TRAINING = "training.json"
 RECONSTRUCTIONS = "reconstructions.png"
-
-
-def _captions(ctx: StageContext) -> dict[str, str]:
-    """Sample key -> caption from the captions stage."""
-    return {row["key"]: row["caption"] for row in read_jsonl(ctx.inputs["captions"] / "captions.jsonl")}
 
 
 @torch.no_grad()
@@ -45,7 +40,7 @@ def _caption_texts(ctx: StageContext, length: int) -> CaptionTexts | None:
     if not ctx.params.tokenizer.text_conditioning:
         return None
     encoder = params_text_encoder(ctx.params)
-    return CaptionTexts(_captions(ctx), encoder, text_cache_dir(ctx.root), length)
+    return CaptionTexts(caption_map(ctx.inputs["captions"]), encoder, text_cache_dir(ctx.root), length)
 
 
 # --------------------------------------------------------------------------------------
@@ -97,13 +92,12 @@ def tokenizer(ctx: StageContext) -> StageResult:
 
 def tokens(ctx: StageContext) -> StageResult:
     """Encode every shard once into the token cache, keyed by the tokenizer checkpoint's hash."""
-    from tokenline.text import TextEmbeddingCache
     from tokenline.tokenizer.token_cache import TokenCache, write_token_cache
 
     tokenizer_dir = ctx.inputs["tokenizer"]
     tokenizer_hash = read_manifest(tokenizer_dir)["content_hash"]
     model = Tokenizer1D.from_checkpoint(tokenizer_dir)
-    encoder = TextEmbeddingCache(text_cache_dir(ctx.root), params_text_encoder(ctx.params))
+    encoder = cached_text_encoder(ctx.root, ctx.params)
     out = ctx.outputs["tokens"]
     counts = write_token_cache(
         model, ctx.inputs["shards"], ctx.inputs["captions"], out, tokenizer_hash,

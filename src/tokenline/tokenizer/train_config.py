@@ -14,6 +14,17 @@ from pydantic import ConfigDict
 _STRICT = ConfigDict(extra="forbid")
 
 
+def check_loop_settings(config: Any) -> None:
+    """The checks every training-loop config shares: precision, positive counts, an EMA decay in [0, 1)."""
+    if config.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', not {config.mixed_precision!r}")
+    for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, not {getattr(config, name)}")
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), not {config.ema_decay}")
+
+
 @dataclass
 class LossConfig:
     """Weights of the reconstruction, adversarial and perceptual terms."""
@@ -61,13 +72,7 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.loss, dict):  # from a saved train_config.json
             self.loss = LossConfig(**self.loss)
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', not {self.mixed_precision!r}")
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), not {self.ema_decay}")
+        check_loop_settings(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready fields."""
