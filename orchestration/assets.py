@@ -1,4 +1,4 @@
-"""One Dagster multi-asset per registry stage: an asset per output, partitioned by dataset."""
+"""One Dagster multi-asset per registry stage: an asset per output, partitioned by dataset (project stages: not)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from dagster import (
 from PIL import Image
 
 from tokenline.contact_sheet import markdown_image
-from tokenline.pipeline import STAGES, Stage, output_path, output_relpath, report_path, samples_path
-from tokenline.runner import run_with_upstream
+from tokenline.pipeline import STAGES, Stage, html_relpath, output_path, output_relpath, report_path, samples_path
+from tokenline.runner import run_project, run_with_upstream
 
 
 def asset_key(output: str) -> AssetKey:
@@ -47,16 +47,37 @@ def _output_metadata(stage: Stage, output: str, manifest: dict, root: Path, data
     return metadata
 
 
+def _project_metadata(stage: Stage, output: str, manifest: dict, root: Path, outcome, params) -> dict:
+    metadata = {
+        "path": MetadataValue.path(str(output_path(root, None, output))),
+        "content_hash": manifest["content_hash"],
+        "wall_time_s": manifest["wall_time_s"],
+        "git_commit": manifest.get("git_commit") or "unknown",
+        "datasets": ", ".join(sorted({key.split("/")[0] for key in manifest["inputs"]})),
+        **{f"count_{key}": int(value) for key, value in manifest["counts"].items()},
+    }
+    if stage.html:
+        html = Path(root) / html_relpath(None, stage.name)
+        metadata["html_report"] = MetadataValue.path(str(html))
+        metadata["open_report"] = MetadataValue.url(html.resolve().as_uri())
+    if outcome.mlflow_run_id:
+        from tokenline.tracking import run_link
+
+        metadata["mlflow_run"] = MetadataValue.url(run_link(params, root, outcome.mlflow_run_id))
+    return metadata
+
+
 def build_stage_asset(stage: Stage, partitions: StaticPartitionsDefinition) -> AssetsDefinition:
-    """The multi-asset that materializes every output of `stage` for one dataset."""
+    """The multi-asset that materializes every output of `stage`: per dataset partition, or once for the project."""
+    partitioned = partitions if stage.per_dataset else None
     specs = [
         AssetSpec(
             key=asset_key(output),
             deps=[asset_key(name) for name in stage.inputs],
-            description=f"{stage.description} ({output_relpath('<dataset>', output)})",
+            description=f"{stage.description} ({output_relpath('<dataset>' if stage.per_dataset else None, output)})",
             group_name=stage.area,
             kinds={"tokenline"},
-            partitions_def=partitions,
+            partitions_def=partitioned,
         )
         for output in stage.outputs
     ]
@@ -69,15 +90,23 @@ def build_stage_asset(stage: Stage, partitions: StaticPartitionsDefinition) -> A
         name=stage.name,
         specs=specs,
         check_specs=check_specs,
-        partitions_def=partitions,
+        partitions_def=partitioned,
         required_resource_keys={"tokenline"},
         description=stage.description,
     )
     def _materialize(context):  # no annotation: the string form confuses Dagster
-        dataset = context.partition_key
         resource = context.resources.tokenline
-        params = resource.params(dataset)
         root = Path(resource.root)
+        if not stage.per_dataset:
+            # Reads every active dataset's upstream partitions, already materialized.
+            params = resource.params()
+            (outcome,) = run_project(stage, params, root, upstream=False, force=True)
+            for output, manifest in outcome.manifests.items():
+                yield MaterializeResult(asset_key=asset_key(output),
+                                        metadata=_project_metadata(stage, output, manifest, root, outcome, params))
+            return
+        dataset = context.partition_key
+        params = resource.params(dataset)
         # Dagster orders the assets itself, so only this stage runs here.
         (outcome,) = run_with_upstream(stage, params, dataset, root, upstream=False, force=True)
         for output, manifest in outcome.manifests.items():
@@ -90,6 +119,11 @@ def build_stage_asset(stage: Stage, partitions: StaticPartitionsDefinition) -> A
 
 
 def build_assets(datasets: list[str]) -> list[AssetsDefinition]:
-    """Every registry stage as a multi-asset over the dataset partitions."""
+    """Every registry stage as a multi-asset: per-dataset stages over the dataset partitions."""
     partitions = StaticPartitionsDefinition(datasets)
     return [build_stage_asset(stage, partitions) for stage in STAGES]
+
+
+def project_asset_keys() -> list[AssetKey]:
+    """The assets that cover every dataset at once (not partitioned)."""
+    return [asset_key(output) for stage in STAGES if not stage.per_dataset for output in stage.outputs]

@@ -32,38 +32,55 @@ def test_definitions_load_with_every_output_as_an_asset(monkeypatch):
             node = graph.get(AssetKey([output]))
             assert {key.path[0] for key in node.parent_keys} == set(stage.inputs)
             assert node.group_name == stage.area
-            assert node.partitions_def.get_partition_keys() == ["openmoji", "shapes"]
+            if stage.per_dataset:
+                assert node.partitions_def.get_partition_keys() == ["openmoji", "shapes"]
+            else:
+                assert node.partitions_def is None  # the report reads every dataset's partition
+    # A job's assets share one partitioning: the lineage per dataset; the report, nightly, over all of them.
+    assert {key.path[0] for key in defs.resolve_job_def("report").asset_layer.executable_asset_keys} == {"report"}
+    assert "report" not in {key.path[0] for key in defs.resolve_job_def("lineage").asset_layer.executable_asset_keys}
+    schedule = defs.resolve_schedule_def("nightly_report")
+    assert schedule.job_name == "report" and schedule.cron_schedule == "0 3 * * *"
     check_names = {key.name for key in graph.asset_check_keys}
     assert {"counts_add_up", "accept_rate", "rejects_have_reasons", "finite_weights", "rfid_below_threshold", "code_usage",
             "fid_below_threshold"} <= check_names
 
 
-@pytest.mark.parametrize("dataset", ["openmoji", "shapes"])
-def test_materialize_every_asset_on_tiny(project, dataset):
+def test_materialize_every_asset_on_tiny(project):
+    """Every dataset partition of the lineage, then the report over both, as the Dagster UI would run them."""
     resource = TokenlineResource(root=str(project), profile="tiny", overrides=["tracking.enabled=false"])
-    result = materialize(
-        build_assets(["openmoji", "shapes"]),
-        resources={"tokenline": resource},
-        partition_key=dataset,
-        instance=DagsterInstance.ephemeral(),
-    )
+    assets = build_assets(["openmoji", "shapes"])
+    instance = DagsterInstance.ephemeral()
+    partitioned = [a for a in assets if a.partitions_def is not None]
+    dataset_outputs = {output for stage in STAGES if stage.per_dataset for output in stage.outputs}
+    for dataset in ("openmoji", "shapes"):
+        result = materialize(partitioned, resources={"tokenline": resource}, partition_key=dataset, instance=instance)
+        assert result.success
+        materialized = {event.asset_key.path[0] for event in result.get_asset_materialization_events()}
+        assert materialized == dataset_outputs
+        checks = {(e.asset_key.path[0], e.check_name): e.passed for e in result.get_asset_check_evaluations()}
+        assert checks == {(check.output, check.name): True for stage in STAGES for check in stage.checks}
+        assert {name for _, name in checks} == {
+            "counts_add_up", "accept_rate", "rejects_have_reasons", "finite_weights", "rfid_below_threshold", "code_usage",
+            "fid_below_threshold",
+        }
+        assert ("generator", "finite_weights") in checks and ("tokenizer", "finite_weights") in checks
+        shards_event = next(e for e in result.get_asset_materialization_events() if e.asset_key.path == ["shards"])
+        metadata = shards_event.materialization.metadata
+        assert metadata["count_train"].value + metadata["count_val"].value == 48
+        assert metadata["samples"].value.startswith("![shards samples](data:image/png;base64,")
+        for output in dataset_outputs:
+            assert (output_path(project, dataset, output) / "manifest.json").exists()
+        assert (project / "models" / dataset / "tokenizer" / "model.safetensors").exists()
+
+    (report,) = [a for a in assets if a.partitions_def is None]
+    result = materialize([report], resources={"tokenline": resource}, instance=instance)
     assert result.success
-    materialized = {event.asset_key.path[0] for event in result.get_asset_materialization_events()}
-    assert materialized == ALL_OUTPUTS
-    checks = {(e.asset_key.path[0], e.check_name): e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {(check.output, check.name): True for stage in STAGES for check in stage.checks}
-    assert {name for _, name in checks} == {
-        "counts_add_up", "accept_rate", "rejects_have_reasons", "finite_weights", "rfid_below_threshold", "code_usage",
-        "fid_below_threshold",
-    }
-    assert ("generator", "finite_weights") in checks and ("tokenizer", "finite_weights") in checks
-    shards_event = next(e for e in result.get_asset_materialization_events() if e.asset_key.path == ["shards"])
-    metadata = shards_event.materialization.metadata
-    assert metadata["count_train"].value + metadata["count_val"].value == 48
-    assert metadata["samples"].value.startswith("![shards samples](data:image/png;base64,")
-    for output in ALL_OUTPUTS:
-        assert (output_path(project, dataset, output) / "manifest.json").exists()
-    assert (project / "models" / dataset / "tokenizer" / "model.safetensors").exists()
+    (event,) = result.get_asset_materialization_events()
+    metadata = event.materialization.metadata
+    assert metadata["datasets"].value == "openmoji, shapes" and metadata["count_datasets"].value == 2
+    assert metadata["html_report"].value == str(project / "data" / "reports" / "report.html")
+    assert (project / "data" / "reports" / "report.html").read_text().count("<svg") == 3
 
 
 def _free_port() -> int:

@@ -1,4 +1,4 @@
-"""DVC: `dvc repro` on tiny works in a fresh clone, and `dvc metrics show` reads validation counts."""
+"""DVC: `dvc repro` on tiny works in a fresh clone; `dvc metrics show` and `dvc plots show` read the reports."""
 
 from __future__ import annotations
 
@@ -47,5 +47,15 @@ def test_dvc_repro_in_fresh_clone(tmp_path):
     assert len(reports) == 2
     for report in reports:
         assert report["total"] == report["accepted"] + report["rejected"] == 48
+    # `dvc plots show` reads the very numbers gen_eval reported, and the report covers both datasets.
+    plots = json.loads(subprocess.run([dvc, "plots", "show", "--json"], cwd=clone, env=env, capture_output=True,
+                                      text=True, check=True).stdout)["data"]
+    for dataset in ("openmoji", "shapes"):
+        (entry,) = plots[f"data/reports/{dataset}/gen_eval_fid_vs_steps.json"]
+        shown = [(row["steps"], row["fid"]) for row in entry["content"]["data"]["values"]]
+        report = json.loads((clone / "data" / "reports" / dataset / "gen_eval.json").read_text())
+        assert shown == [(row["steps"], row["fid"]) for row in report["sweeps"]["steps"]]
+    html = (clone / "data" / "reports" / "report.html").read_text()
+    assert html.count("<h2>openmoji</h2>") == html.count("<h2>shapes</h2>") == 1
     status = subprocess.run([dvc, "status"], cwd=clone, env=env, capture_output=True, text=True, check=True)
     assert "up to date" in status.stdout

@@ -22,7 +22,7 @@ def test_every_stage_is_in_dvc_yaml_with_its_outputs():
 
     stages = yaml.safe_load(render_dvc_yaml())["stages"]
     assert list(stages) == [stage.name for stage in STAGES]
-    for stage in STAGES:
+    for stage in (s for s in STAGES if s.per_dataset):
         outs = stages[stage.name]["outs"]
         area = "models" if stage.models else "data"
         assert outs == [f"{area}/${{item.dataset}}/{name}" for name in stage.outputs]
@@ -31,6 +31,24 @@ def test_every_stage_is_in_dvc_yaml_with_its_outputs():
             producer = next(s for s in STAGES if name in s.outputs)
             assert f"{'models' if name in producer.models else 'data'}/${{item.dataset}}/{name}" in stages[stage.name]["deps"]
     assert stages["tokenizer"]["outs"] == ["models/${item.dataset}/tokenizer"]
+    # gen_eval's sweeps are DVC plots with their axes.
+    plots = {next(iter(entry)): next(iter(entry.values())) for entry in stages["gen_eval"]["plots"]}
+    assert plots["data/reports/${item.dataset}/gen_eval_fid_vs_steps.json"] | {"title": None} == {
+        "cache": False, "x": "steps", "y": "fid", "title": None}
+    # The report is one stage over params.yaml's active datasets, named one by one.
+    report = stages["report"]
+    assert "matrix" not in report and report["cmd"] == "tokenline run report --no-upstream --force"
+    assert report["deps"][:4] == ["data/openmoji/gen_eval", "data/openmoji/recon_eval", "data/shapes/gen_eval", "data/shapes/recon_eval"]
+    assert report["outs"] == ["data/report", {"data/reports/report.html": {"cache": False}}]
+
+
+def test_dvc_yaml_follows_the_active_datasets(tmp_path):
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text()) | {"active_datasets": ["shapes"]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    deps = yaml.safe_load(render_dvc_yaml(tmp_path / "params.yaml"))["stages"]["report"]["deps"]
+    assert [d for d in deps if d.startswith("data/")] == ["data/shapes/gen_eval", "data/shapes/recon_eval"]
 
 
 def test_closure_is_topological():

@@ -22,7 +22,8 @@ def stages() -> None:
     for stage in STAGES:
         inputs = ", ".join(stage.inputs) or "-"
         outputs = ", ".join(stage.outputs)
-        typer.echo(f"{stage.name:<10} [{stage.area}] {inputs} -> {outputs}")
+        scope = "" if stage.per_dataset else " (once, over every active dataset)"
+        typer.echo(f"{stage.name:<10} [{stage.area}] {inputs} -> {outputs}{scope}")
         typer.echo(f"{'':<10} {stage.description}")
 
 
@@ -45,9 +46,12 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="training stages: continue from the last state folder (optimizer, scheduler, EMA, RNG, data position)"),
     params_file: Optional[Path] = typer.Option(None, "--params", help="params file (default: ./params.yaml)"),
 ) -> None:
-    """Run STAGE (after any stale upstream stage) on every active dataset, or on --dataset."""
+    """Run STAGE (after any stale upstream stage) on every active dataset, or on --dataset.
+
+    A stage that covers every dataset (`report`) runs once, after the others.
+    """
     from tokenline.pipeline import STAGES, get_stage
-    from tokenline.runner import MissingInputError, run_with_upstream
+    from tokenline.runner import MissingInputError, run_project, run_with_upstream
     from tokenline.generator.checkpoint import PairingError
     from tokenline.model_checkpoint import CheckpointError
     from tokenline.tokenizer.token_cache import StaleTokenCacheError
@@ -63,22 +67,28 @@ def run(
         typer.secho(f"error: {error.args[0] if error.args else error}", fg="red", err=True)
         raise typer.Exit(2)
     root = params_file.parent if params_file else project_root()
-    summary = []
-    for name in params.active_datasets:
-        done: set[str] = set()
-        for target in targets:
-            try:
-                outcomes = run_with_upstream(target, params, name, root, upstream=upstream, force=force, resume=resume)
-            except (MissingInputError, FileNotFoundError, ResumeRefusedError, CheckpointError, StaleTokenCacheError, PairingError) as error:
-                typer.secho(f"error: {error}", fg="red", err=True)
-                raise typer.Exit(1)
-            for outcome in outcomes:
-                if outcome.stage in done:
-                    continue
-                done.add(outcome.stage)
-                state = "fresh" if outcome.skipped else "ran"
-                counts = next(iter(outcome.manifests.values()), {}).get("counts", {})
-                summary.append(f"{name:<10} {outcome.stage:<10} {state:<6} {counts}")
+    summary: list[str] = []
+    seen: set[tuple[str | None, str]] = set()
+
+    def record(outcomes) -> None:
+        for outcome in outcomes:
+            if (outcome.dataset, outcome.stage) in seen:
+                continue
+            seen.add((outcome.dataset, outcome.stage))
+            state = "fresh" if outcome.skipped else "ran"
+            counts = next(iter(outcome.manifests.values()), {}).get("counts", {})
+            summary.append(f"{outcome.dataset or '(all)':<10} {outcome.stage:<10} {state:<6} {counts}")
+
+    try:
+        # Per-dataset stages first, dataset by dataset; then the stages that cover every dataset.
+        for name in params.active_datasets:
+            for target in (t for t in targets if t.per_dataset):
+                record(run_with_upstream(target, params, name, root, upstream=upstream, force=force, resume=resume))
+        for target in (t for t in targets if not t.per_dataset):
+            record(run_project(target, params, root, upstream=upstream, force=force))
+    except (MissingInputError, FileNotFoundError, ResumeRefusedError, CheckpointError, StaleTokenCacheError, PairingError) as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(1)
     typer.echo("\n".join(summary))
     typer.echo(f"outputs: {root / 'data'}   reports: {root / 'data' / 'reports'}")
     if params.tracking.enabled:

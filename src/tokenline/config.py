@@ -196,6 +196,25 @@ class GenEvalParams(Section):
     guidance_sweep: list[float] = [1.0, 3.0]  # FID vs guidance scale
     samplers: list[Literal["euler", "heun", "euler_maruyama", "time_shift"]] = ["euler", "heun", "euler_maruyama", "time_shift"]
     max_fid: float = Field(300.0, gt=0)  # Dagster check: FID at most this
+    grid_images: int = Field(16, ge=1, le=256)  # eval captions drawn in the report's sample grid
+    prompt_sets: dict[str, list[str]] = {}  # further named prompt sets drawn for the report's sample grids
+    clip_model: str = "ViT-B-32"  # open_clip architecture of clip_weights
+    clip_weights: str | None = None  # local OpenCLIP weights file: adds clip_score (none is downloaded)
+    clip_preprocess: str | None = None  # open_clip pretrained tag whose image mean/std the weights expect
+
+    @field_validator("prompt_sets")
+    @classmethod
+    def _named_sets(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, prompts in value.items():
+            if not prompts:
+                raise ValueError(f"gen_eval.prompt_sets.{name} is empty; give it at least one prompt or drop it")
+        return value
+
+
+class ReportParams(Section):
+    """The cross-dataset HTML report."""
+
+    title: str = "tokenline generation report"
 
 
 class TrackingParams(Section):
@@ -224,6 +243,7 @@ class Params(Section):
     generator: GeneratorParams = GeneratorParams()
     probe: ProbeParams = ProbeParams()
     gen_eval: GenEvalParams = GenEvalParams()
+    report: ReportParams = ReportParams()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -252,10 +272,13 @@ class Params(Section):
         dumped = self.model_dump(mode="json", by_alias=True)
         return dumped[key]
 
-    def slice_hash(self, keys: list[str], dataset: str) -> str:
-        """Hash of the params a stage depends on, for staleness checks."""
+    def slice_hash(self, keys: list[str], dataset: str | None) -> str:
+        """Hash of the params a stage depends on, for staleness checks (dataset None: every active dataset)."""
         sliced = {key: self.section(key) for key in keys}
-        sliced["dataset"] = self.datasets[dataset].model_dump(mode="json")
+        if dataset is None:
+            sliced["dataset"] = {name: self.datasets[name].model_dump(mode="json") for name in self.active_datasets}
+        else:
+            sliced["dataset"] = self.datasets[dataset].model_dump(mode="json")
         blob = json.dumps(sliced, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

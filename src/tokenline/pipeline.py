@@ -20,6 +20,10 @@ from tokenline.config import Params
 # Every stage's manifest and DVC entry include these keys: they pick and shape the profile.
 ALWAYS_PARAMS = ("profile", "datasets", "active_datasets")
 
+# A stage's scope: "dataset" stages run once per active dataset (DVC matrix, Dagster partitions);
+# "project" stages run once over every active dataset's outputs (the cross-dataset report).
+SCOPES = ("dataset", "project")
+
 
 # --------------------------------------------------------------------------------------
 # Registry types
@@ -37,6 +41,16 @@ class AssetCheck:
 
 
 @dataclass(frozen=True)
+class PlotSpec:
+    """A data-series plot a stage writes: data/reports/<dataset>/<stage>_<name>.json, read by `dvc plots`."""
+
+    name: str
+    x: str  # field of each row on the x axis
+    y: str  # field on the y axis
+    title: str
+
+
+@dataclass(frozen=True)
 class Stage:
     """One step of the lineage: what it reads, writes and depends on."""
 
@@ -51,6 +65,20 @@ class Stage:
     checks: tuple[AssetCheck, ...] = ()
     models: tuple[str, ...] = ()  # the outputs that are model checkpoints: they live under models/
     code: tuple[str, ...] = ()  # source folders under src/tokenline/ it uses beyond its own area (DVC deps)
+    plots: tuple[PlotSpec, ...] = ()  # data series it writes for `dvc plots` (rows in StageResult.plots)
+    scope: str = "dataset"  # "dataset" or "project" (see SCOPES)
+    html: bool = False  # writes an HTML report: data/reports/<name>.html (project) or data/reports/<dataset>/<name>.html
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"stage {self.name!r}: scope must be one of {SCOPES}, not {self.scope!r}")
+        if self.scope == "project" and (self.report or self.plots):
+            raise ValueError(f"stage {self.name!r}: metrics and plot files are per dataset; a project stage writes html")
+
+    @property
+    def per_dataset(self) -> bool:
+        """Whether the stage runs once per dataset (else once for the project)."""
+        return self.scope == "dataset"
 
 
 @dataclass
@@ -61,6 +89,8 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     report: dict[str, Any] | None = None  # written to the stage's report file
     samples: list[tuple[Image.Image, str]] = field(default_factory=list)  # (image, caption)
+    plots: dict[str, list[dict]] = field(default_factory=dict)  # PlotSpec name -> rows
+    html: str | None = None  # the stage's HTML report (Stage.html)
 
 
 @dataclass
@@ -69,13 +99,14 @@ class StageContext:
 
     stage: Stage
     params: Params
-    dataset: str
+    dataset: str | None  # None for a project-scope stage
     root: Path
-    inputs: dict[str, Path]  # output name -> committed upstream folder
+    inputs: dict[str, Path]  # output name -> committed upstream folder (dataset-scope stages)
     outputs: dict[str, Path]  # output name -> temporary folder to fill
     tracker: Any = None  # tokenline.tracking StageTracker or NullTracker: live step metrics and images
     resume: bool = False  # continue the stage's interrupted or shorter training run (`--resume`)
     force: bool = False  # with resume: accept a changed training config (`--force`)
+    dataset_inputs: dict[str, dict[str, Path]] = field(default_factory=dict)  # project scope: dataset -> inputs
 
     @property
     def spec(self):
@@ -88,13 +119,16 @@ class StageContext:
 # --------------------------------------------------------------------------------------
 
 
-def output_relpath(dataset: str, output: str) -> str:
-    """An output folder relative to the project root: models/<dataset>/<output> for checkpoints, else data/."""
+def output_relpath(dataset: str | None, output: str) -> str:
+    """An output folder relative to the project root: models/<dataset>/<output> for checkpoints, else data/.
+
+    A project-scope output (dataset None) has no dataset folder: data/<output>.
+    """
     area = "models" if output in _registry()["MODEL_OUTPUTS"] else "data"
-    return f"{area}/{dataset}/{output}"
+    return f"{area}/{output}" if dataset is None else f"{area}/{dataset}/{output}"
 
 
-def output_path(root: Path, dataset: str, output: str) -> Path:
+def output_path(root: Path, dataset: str | None, output: str) -> Path:
     """Where an output folder lives."""
     return Path(root) / output_relpath(dataset, output)
 
@@ -109,9 +143,20 @@ def report_path(root: Path, dataset: str, stage: str) -> Path:
     return Path(root) / "data" / "reports" / dataset / f"{stage}.json"
 
 
-def samples_path(root: Path, dataset: str, stage: str) -> Path:
-    """Where a stage's contact sheet PNG lives."""
-    return Path(root) / "data" / "reports" / dataset / f"{stage}.png"
+def samples_path(root: Path, dataset: str | None, stage: str) -> Path:
+    """Where a stage's contact sheet PNG lives (data/reports/<stage>.png for a project stage)."""
+    folder = Path(root) / "data" / "reports"
+    return folder / f"{stage}.png" if dataset is None else folder / dataset / f"{stage}.png"
+
+
+def plot_relpath(dataset: str, stage: str, plot: str) -> str:
+    """A stage's plot data file relative to the project root (a JSON array of rows for `dvc plots`)."""
+    return f"data/reports/{dataset}/{stage}_{plot}.json"
+
+
+def html_relpath(dataset: str | None, stage: str) -> str:
+    """A stage's HTML report relative to the project root: data/reports/<stage>.html for the project scope."""
+    return f"data/reports/{stage}.html" if dataset is None else f"data/reports/{dataset}/{stage}.html"
 
 
 # --------------------------------------------------------------------------------------
@@ -258,9 +303,27 @@ def _build_registry() -> list[Stage]:
             code=("generator", "tokenizer", "text"),
             params=("generator", "gen_eval"),
             report=True,
+            plots=(
+                PlotSpec("fid_vs_steps", "steps", "fid", "FID vs sampling steps"),
+                PlotSpec("fid_vs_guidance", "guidance", "fid", "FID vs guidance scale"),
+                PlotSpec("ms_vs_steps", "steps", "ms_per_image", "milliseconds per image vs sampling steps"),
+            ),
             checks=(
                 AssetCheck("fid_below_threshold", "gen_eval", "FID <= gen_eval.max_fid", eval_checks.fid_below_threshold),
             ),
+        ),
+        Stage(
+            name="report",
+            func=eval_stages.report,
+            area="eval",
+            description="One self-contained HTML report over every active dataset (data/reports/report.html): "
+            "sample grids per prompt set, the metrics table naming its tokenizer and generator checkpoints, "
+            "and plots of FID vs steps, FID vs guidance and ms/image vs steps.",
+            inputs=("gen_eval", "recon_eval"),
+            outputs=("report",),
+            params=("report",),
+            scope="project",
+            html=True,
         ),
     ]
 
@@ -268,9 +331,19 @@ def _build_registry() -> list[Stage]:
 REGISTRY_NAMES = ("STAGES", "STAGE_BY_NAME", "PRODUCER", "MODEL_OUTPUTS")
 
 
+def _check_scopes(stages: list[Stage]) -> None:
+    # A dataset-scope stage reads one dataset's folders, so it cannot consume a project output.
+    producer = {output: stage for stage in stages for output in stage.outputs}
+    for stage in stages:
+        for name in stage.inputs:
+            if stage.per_dataset and not producer[name].per_dataset:
+                raise ValueError(f"stage {stage.name!r} runs per dataset but reads the project output {name!r}")
+
+
 @functools.cache
 def _registry() -> dict[str, Any]:
     stages = _build_registry()
+    _check_scopes(stages)
     return {
         "STAGES": stages,
         "STAGE_BY_NAME": {stage.name: stage for stage in stages},

@@ -16,11 +16,14 @@ from tokenline.pipeline import (
     Stage,
     StageContext,
     StageResult,
+    html_relpath,
     output_path,
     params_keys,
+    plot_relpath,
     report_path,
     samples_path,
     stage_closure,
+    upstream_stages,
 )
 
 log = logging.getLogger(__name__)
@@ -35,40 +38,60 @@ class StageRun:
     """The outcome of one stage on one dataset."""
 
     stage: str
-    dataset: str
+    dataset: str | None  # None for a project-scope stage
     skipped: bool
     manifests: dict[str, dict]
     result: StageResult | None = None
+    mlflow_run_id: str | None = None  # the MLflow run of a stage that ran with tracking on
 
 
-def _params_hash(stage: Stage, params: Params, dataset: str) -> str:
+def _params_hash(stage: Stage, params: Params, dataset: str | None) -> str:
     return params.slice_hash(params_keys(stage), dataset)
 
 
-def _input_hashes(stage: Stage, root: Path, dataset: str) -> dict[str, str]:
+def input_folders(stage: Stage, params: Params, dataset: str | None, root: Path) -> dict[str, Path]:
+    """The committed folders a stage reads, by key: the output name, or `<dataset>/<output>` for a project stage."""
+    if stage.per_dataset:
+        return {name: output_path(root, dataset, name) for name in stage.inputs}
+    return {f"{name}/{output}": output_path(root, name, output) for name in params.active_datasets for output in stage.inputs}
+
+
+def _input_hashes(stage: Stage, params: Params, dataset: str | None, root: Path) -> dict[str, str]:
     hashes = {}
-    for name in stage.inputs:
-        manifest = read_manifest(output_path(root, dataset, name))
+    for key, folder in input_folders(stage, params, dataset, root).items():
+        manifest = read_manifest(folder)
         if manifest is None:
+            source = dataset or key.split("/")[0]
+            producer = PRODUCER[key.split("/")[-1]]
             raise MissingInputError(
-                f"stage {stage.name!r} needs {output_path(root, dataset, name)}, which has no "
-                f"manifest: run `tokenline run {PRODUCER[name].name} --dataset {dataset}` first"
+                f"stage {stage.name!r} needs {folder}, which has no manifest: run "
+                f"`tokenline run {producer.name} --dataset {source}` first"
             )
-        hashes[name] = manifest["content_hash"]
+        hashes[key] = manifest["content_hash"]
     return hashes
 
 
-def staleness(stage: Stage, params: Params, dataset: str, root: Path) -> str | None:
-    """Why `stage` must run for `dataset` (a reason), or None when its outputs are fresh."""
+def report_files(stage: Stage, dataset: str | None, root: Path) -> list[Path]:
+    """The report files a stage writes beside its outputs: metrics JSON, plot series, HTML."""
+    root = Path(root)
+    files = [report_path(root, dataset, stage.name)] if stage.report else []
+    files += [root / plot_relpath(dataset, stage.name, plot.name) for plot in stage.plots]
+    if stage.html:
+        files.append(root / html_relpath(dataset, stage.name))
+    return files
+
+
+def staleness(stage: Stage, params: Params, dataset: str | None, root: Path) -> str | None:
+    """Why `stage` must run for `dataset` (a reason), or None when its outputs are fresh (dataset None: project)."""
     manifests = [read_manifest(output_path(root, dataset, name)) for name in stage.outputs]
     if any(manifest is None for manifest in manifests):
         return "outputs missing"
-    if stage.report and not report_path(root, dataset, stage.name).exists():
+    if not all(file.exists() for file in report_files(stage, dataset, root)):
         return "report missing"
     if any(m["params_hash"] != _params_hash(stage, params, dataset) for m in manifests):
         return "params changed"
     try:
-        current = _input_hashes(stage, root, dataset)
+        current = _input_hashes(stage, params, dataset, root)
     except MissingInputError:
         return "inputs missing"
     if any({k: v["hash"] for k, v in m["inputs"].items()} != current for m in manifests):
@@ -76,8 +99,31 @@ def staleness(stage: Stage, params: Params, dataset: str, root: Path) -> str | N
     return None
 
 
-def run_one(stage: Stage, params: Params, dataset: str, root: Path, resume: bool = False, force: bool = False) -> StageRun:
-    """Run one stage on one dataset now, whatever its freshness.
+def _write_reports(stage: Stage, result: StageResult, params: Params, dataset: str | None, root: Path) -> list[tuple[Path, str]]:
+    """Write the report JSON, plot series, HTML and contact sheet; returns (file, MLflow artifact folder) pairs."""
+    written = []
+    if stage.report:
+        atomic_write_json(report_path(root, dataset, stage.name), result.report or {})
+    for plot in stage.plots:
+        path = root / plot_relpath(dataset, stage.name, plot.name)
+        atomic_write_json(path, result.plots.get(plot.name, []))
+        written.append((path, "plots"))
+    if stage.html:
+        path = root / html_relpath(dataset, stage.name)
+        atomic_write_bytes(path, (result.html or "").encode())
+        written.append((path, "reports"))
+    if result.samples:
+        images = [image for image, _ in result.samples[: params.tracking.contact_sheet]]
+        path = samples_path(root, dataset, stage.name)
+        atomic_write_bytes(path, png_bytes(contact_sheet(images)))
+        written.append((path, "samples"))
+    return written
+
+
+def run_one(
+    stage: Stage, params: Params, dataset: str | None, root: Path, resume: bool = False, force: bool = False,
+) -> StageRun:
+    """Run one stage on one dataset (dataset None: a project-scope stage over every active dataset) now.
 
     `resume` lets a training stage continue its last state folder (refused on a changed
     training config unless `force`).
@@ -85,24 +131,35 @@ def run_one(stage: Stage, params: Params, dataset: str, root: Path, resume: bool
     from tokenline.tracking import start_tracker
 
     root = Path(root)
-    params.dataset(dataset)  # fails early, naming the dataset, if it is unknown
-    input_hashes = _input_hashes(stage, root, dataset)
-    inputs = {name: output_path(root, dataset, name) for name in stage.inputs}
+    if stage.per_dataset != (dataset is not None):
+        raise ValueError(f"stage {stage.name!r} has scope {stage.scope!r}: "
+                         f"{'name a dataset' if stage.per_dataset else 'it takes no dataset'}")
+    if dataset is not None:
+        params.dataset(dataset)  # fails early, naming the dataset, if it is unknown
+    input_hashes = _input_hashes(stage, params, dataset, root)
+    folders = input_folders(stage, params, dataset, root)
     started = time.perf_counter()
-    log.info("running %s on %s (profile %s)", stage.name, dataset, params.profile)
+    log.info("running %s on %s (profile %s)", stage.name, dataset or "every active dataset", params.profile)
     tracker = start_tracker(stage, params, dataset, root)
     with contextlib.ExitStack() as stack:
         temps = {
             name: stack.enter_context(atomic_dir(output_path(root, dataset, name)))
             for name in stage.outputs
         }
-        context = StageContext(stage, params, dataset, root, inputs, temps, tracker, resume, force)
+        per_dataset = {name: {output: output_path(root, name, output) for output in stage.inputs}
+                       for name in params.active_datasets} if dataset is None else {}
+        inputs = folders if dataset is not None else {}
+        context = StageContext(stage, params, dataset, root, inputs, temps, tracker, resume, force, per_dataset)
         try:
             result = stage.func(context)
         except BaseException:
             tracker.fail()
             raise
         wall_time = time.perf_counter() - started
+        if dataset is None:
+            spec = {name: params.dataset(name).model_dump(mode="json") for name in params.active_datasets}
+        else:
+            spec = params.dataset(dataset).model_dump(mode="json")
         manifests = {}
         for name, temp in temps.items():
             manifests[name] = write_manifest(
@@ -112,11 +169,11 @@ def run_one(stage: Stage, params: Params, dataset: str, root: Path, resume: bool
                 dataset=dataset,
                 profile=params.profile,
                 inputs={
-                    key: {"path": str(inputs[key].relative_to(root)), "hash": value}
+                    key: {"path": str(folders[key].relative_to(root)), "hash": value}
                     for key, value in input_hashes.items()
                 },
                 params={key: params.section(key) for key in stage.params},
-                dataset_spec=params.dataset(dataset).model_dump(mode="json"),
+                dataset_spec=spec,
                 params_hash=_params_hash(stage, params, dataset),
                 git_commit=git_commit(root),
                 counts=result.counts,
@@ -125,16 +182,23 @@ def run_one(stage: Stage, params: Params, dataset: str, root: Path, resume: bool
             )
     # Reports and previews are written after the outputs are committed: a report never
     # describes an output that is not there.
-    if stage.report:
-        atomic_write_json(report_path(root, dataset, stage.name), result.report or {})
-    sheet_file = None
-    if result.samples:
-        images = [image for image, _ in result.samples[: params.tracking.contact_sheet]]
-        sheet_file = samples_path(root, dataset, stage.name)
-        atomic_write_bytes(sheet_file, png_bytes(contact_sheet(images)))
-    tracker.finish(result, manifests, sheet_file)
-    log.info("%s on %s done in %.1fs: %s", stage.name, dataset, wall_time, result.counts)
-    return StageRun(stage.name, dataset, skipped=False, manifests=manifests, result=result)
+    written = _write_reports(stage, result, params, dataset, root)
+    run_id = tracker.finish(result, manifests, written)
+    log.info("%s on %s done in %.1fs: %s", stage.name, dataset or "every active dataset", wall_time, result.counts)
+    return StageRun(stage.name, dataset, skipped=False, manifests=manifests, result=result, mlflow_run_id=run_id)
+
+
+def _run_if_stale(step: Stage, params: Params, dataset: str | None, root: Path, force: bool, resume: bool) -> StageRun:
+    """Run `step` when it is stale or forced; otherwise record it as skipped."""
+    where = dataset or "every active dataset"
+    reason = staleness(step, params, dataset, root)
+    if reason is None and not force:
+        log.info("%s on %s is fresh; skipping", step.name, where)
+        manifests = {name: read_manifest(output_path(root, dataset, name)) for name in step.outputs}
+        return StageRun(step.name, dataset, skipped=True, manifests=manifests)
+    if reason:
+        log.info("%s on %s: %s", step.name, where, reason)
+    return run_one(step, params, dataset, root, resume=resume, force=force)
 
 
 def run_with_upstream(
@@ -147,17 +211,17 @@ def run_with_upstream(
     runs only the named stage (DVC's way: DVC itself decides what is stale). `resume`
     applies to the named stage only.
     """
-    runs = []
+    if not stage.per_dataset:
+        raise ValueError(f"stage {stage.name!r} covers every dataset: run it with run_project")
     chain = stage_closure(stage) if upstream else [stage]
-    for step in chain:
-        reason = staleness(step, params, dataset, root)
-        if reason is None and not (force and step is stage):
-            log.info("%s on %s is fresh; skipping", step.name, dataset)
-            manifests = {name: read_manifest(output_path(root, dataset, name)) for name in step.outputs}
-            runs.append(StageRun(step.name, dataset, skipped=True, manifests=manifests))
-            continue
-        if reason:
-            log.info("%s on %s: %s", step.name, dataset, reason)
-        named = step is stage
-        runs.append(run_one(step, params, dataset, root, resume=resume and named, force=force and named))
-    return runs
+    return [_run_if_stale(step, params, dataset, root, force and step is stage, resume and step is stage) for step in chain]
+
+
+def run_project(stage: Stage, params: Params, root: Path, upstream: bool = True, force: bool = False) -> list[StageRun]:
+    """Run a project-scope stage once over every active dataset, after each dataset's stale upstream stages."""
+    runs = []
+    if upstream:
+        for name in params.active_datasets:
+            for parent in upstream_stages(stage):
+                runs.extend(run_with_upstream(parent, params, name, root))
+    return [*runs, _run_if_stale(stage, params, None, root, force, resume=False)]

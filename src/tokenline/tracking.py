@@ -42,10 +42,21 @@ def _experiment_id(client, params: Params, uri: str) -> str:
     return client.create_experiment(params.tracking.experiment, artifact_location=location)
 
 
+def run_link(params: Params, root: Path, run_id: str) -> str:
+    """A link to an MLflow run: the UI page on an HTTP tracking server, else a runs:/ URI."""
+    uri = tracking_uri(params, root)
+    if uri.startswith(("http://", "https://")):
+        from mlflow.tracking import MlflowClient
+
+        experiment = MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
+        return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return f"runs:/{run_id}"
+
+
 class StageTracker:
     """The MLflow run of one stage run: step metrics and images while it runs, the rest when it ends."""
 
-    def __init__(self, stage, params: Params, dataset: str, root: Path):
+    def __init__(self, stage, params: Params, dataset: str | None, root: Path):
         from mlflow.tracking import MlflowClient
 
         uri = tracking_uri(params, root)
@@ -53,10 +64,15 @@ class StageTracker:
         self.stage, self.params, self.dataset = stage, params, dataset
         flat: dict[str, str] = {}
         _flatten("", {key: params.section(key) for key in stage.params}, flat)
-        _flatten("dataset", params.dataset(dataset).model_dump(mode="json"), flat)
+        if dataset is None:  # a project-scope stage: every active dataset
+            _flatten("datasets", {name: params.dataset(name).model_dump(mode="json") for name in params.active_datasets}, flat)
+        else:
+            _flatten("dataset", params.dataset(dataset).model_dump(mode="json"), flat)
         flat["profile"] = params.profile
-        tags = {"stage": stage.name, "dataset": dataset, "profile": params.profile, "area": stage.area}
-        run = self.client.create_run(_experiment_id(self.client, params, uri), run_name=f"{stage.name}:{dataset}", tags=tags)
+        scope = dataset or ",".join(params.active_datasets)
+        tags = {"stage": stage.name, "dataset": scope, "profile": params.profile, "area": stage.area}
+        run_name = stage.name if dataset is None else f"{stage.name}:{dataset}"
+        run = self.client.create_run(_experiment_id(self.client, params, uri), run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         from mlflow.entities import Param
 
@@ -77,8 +93,8 @@ class StageTracker:
         """Log a PIL image (a reconstruction grid, a contact sheet) as an artifact."""
         self.client.log_image(self.run_id, image, artifact_file)
 
-    def finish(self, result, manifests: dict, sheet_file: Path | None) -> str:
-        """Log counts, final metrics, manifests, report and contact sheet; mark the run finished."""
+    def finish(self, result, manifests: dict, files: list[tuple[Path, str]]) -> str:
+        """Log counts, final metrics, manifests, report and (file, artifact folder) files; mark the run finished."""
         numbers = {
             key: float(value)
             for key, value in {**result.counts, **result.metrics}.items()
@@ -92,8 +108,8 @@ class StageTracker:
                 self.client.log_artifact(self.run_id, str(path), artifact_path="manifests")
         if result.report is not None:
             self.client.log_dict(self.run_id, result.report, f"reports/{self.stage.name}.json")
-        if sheet_file is not None:
-            self.client.log_artifact(self.run_id, str(sheet_file), artifact_path="samples")
+        for file, folder in files:
+            self.client.log_artifact(self.run_id, str(file), artifact_path=folder)
         self.client.set_terminated(self.run_id, "FINISHED")
         return self.run_id
 
@@ -113,14 +129,14 @@ class NullTracker:
     def log_image(self, image, artifact_file: str) -> None:
         """Do nothing."""
 
-    def finish(self, result, manifests: dict, sheet_file: Path | None) -> None:
+    def finish(self, result, manifests: dict, files: list[tuple[Path, str]]) -> None:
         """Do nothing."""
 
     def fail(self) -> None:
         """Do nothing."""
 
 
-def start_tracker(stage, params: Params, dataset: str, root: Path) -> StageTracker | NullTracker:
+def start_tracker(stage, params: Params, dataset: str | None, root: Path) -> StageTracker | NullTracker:
     """A live MLflow run for the stage run, or a no-op tracker when tracking.enabled is false."""
     if not params.tracking.enabled:
         return NullTracker()

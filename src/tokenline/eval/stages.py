@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from tokenline.artifacts import atomic_write_json, read_manifest
+from tokenline.artifacts import atomic_write_bytes, atomic_write_json, read_manifest
 from tokenline.data.stages import iter_shard_samples
 from tokenline.pipeline import StageContext, StageResult
 from tokenline.tokenizer.caption_text import cached_text_encoder, caption_map
 from tokenline.tokenizer.pixels import samples_to_batch, tensor_to_image
 
 TRAINING = "training.json"
+METRICS = "metrics.json"  # gen_eval's report inside its output folder (the report stage reads it)
 
 
 def reference_samples(ctx: StageContext, count: int) -> list[dict]:
@@ -104,7 +107,7 @@ def gen_eval(ctx: StageContext) -> StageResult:
     from tokenline.eval.generation import GenerationMetrics
     from tokenline.eval.probe import load_probe, probe_scores
     from tokenline.generator.checkpoint import check_pairing, load_generator
-    from tokenline.generator.generate import SamplingOptions
+    from tokenline.generator.generate import SamplingOptions, generate_images
     from tokenline.tokenizer.model import Tokenizer1D
 
     p = ctx.params.gen_eval
@@ -133,6 +136,15 @@ def gen_eval(ctx: StageContext) -> StageResult:
     report |= {"probe_score": generated_scores["probe_score"], "probe_r1": generated_scores["probe_r1"],
                "probe_score_real": real_scores["probe_score"], "probe_r1_real": real_scores["probe_r1"]}
 
+    if p.clip_weights:
+        from tokenline.eval.clip_score import ClipScorer
+
+        weights = p.clip_weights if Path(p.clip_weights).is_absolute() else ctx.root / p.clip_weights
+        scorer = ClipScorer(p.clip_model, weights, preprocess_tag=p.clip_preprocess)
+        report |= scorer.score(images, prompts)
+        report["clip_score_real"] = scorer.score(real, prompts)["clip_score"]
+        clip_protocol = scorer.protocol()
+
     if ctx.params.dataset(ctx.dataset).source == "shapes":
         from tokenline.eval.compositional import score_images
 
@@ -140,33 +152,82 @@ def gen_eval(ctx: StageContext) -> StageResult:
         report |= {key: shapes[key] for key in ("shapes_color_acc", "shapes_shape_acc", "shapes_count_acc", "shapes_position_acc")}
         report["shapes_by_count"] = shapes["by_count"]
 
-    sweeps: dict[str, list[dict]] = {"steps": [], "guidance": [], "samplers": []}
-    objective = generator.config.objective
-    for steps in p.steps_sweep:
-        options = replace(base, steps=steps)
-        swept, ms, nfe = _timed_generation(generator, tokenizer, prompts, encoder, options)
-        sweeps["steps"].append({"steps": steps, "fid": metrics.score(swept)["fid"], "ms_per_image": ms, "nfe": nfe})
-    for scale in p.guidance_sweep:
-        swept, ms, nfe = _timed_generation(generator, tokenizer, prompts, encoder, replace(base, guidance=scale))
-        sweeps["guidance"].append({"guidance": scale, "fid": metrics.score(swept)["fid"], "ms_per_image": ms, "nfe": nfe})
-    if objective == "flow":
-        for sampler in p.samplers:
-            swept, ms, nfe = _timed_generation(generator, tokenizer, prompts, encoder, replace(base, sampler=sampler))
-            sweeps["samplers"].append({"sampler": sampler, "steps": base.steps, "fid": metrics.score(swept)["fid"],
-                                       "ms_per_image": ms, "nfe": nfe})
+    # A sweep point that repeats the base setting (or another point) reuses its measurement.
+    measured: dict[str, dict] = {json.dumps(base.describe()): {"fid": report["fid"], "ms_per_image": report["ms_per_image"], "nfe": report["nfe"]}}
 
+    def measure(options) -> dict:
+        key = json.dumps(options.describe())
+        if key not in measured:
+            swept, ms, nfe = _timed_generation(generator, tokenizer, prompts, encoder, options)
+            measured[key] = {"fid": metrics.score(swept)["fid"], "ms_per_image": ms, "nfe": nfe}
+        return measured[key]
+
+    objective = generator.config.objective
+    sweeps: dict[str, list[dict]] = {
+        "steps": [{"steps": steps, **measure(replace(base, steps=steps))} for steps in p.steps_sweep],
+        "guidance": [{"guidance": scale, **measure(replace(base, guidance=scale))} for scale in p.guidance_sweep],
+        "samplers": [{"sampler": sampler, "steps": base.steps, **measure(replace(base, sampler=sampler))}
+                     for sampler in (p.samplers if objective == "flow" else [])],
+    }
     report["sweeps"] = sweeps
     report["protocol"] = {
         "samples": len(samples), "reference": "val split first, then train; prompts are their captions",
         "objective": objective, **base.describe(), "fid": metrics.protocol(),
         "probe": f"LiT probe ({ctx.inputs['probe'].relative_to(ctx.root)}); R@1 among groups of {group}",
+        **({"clip_score": clip_protocol} if p.clip_weights else {}),
         "ms_per_image": f"wall time of prompt encoding, sampling and decoding in batches of 64 on "
                         f"{'CUDA' if torch.cuda.is_available() else 'CPU'}, {torch.get_num_threads()} threads",
     }
     report |= {"generator": str(generator_dir.relative_to(ctx.root)), "generator_hash": read_manifest(generator_dir)["content_hash"],
                "tokenizer": str(tokenizer_dir.relative_to(ctx.root)), "tokenizer_hash": tokenizer_hash}
-    atomic_write_json(ctx.outputs["gen_eval"] / "metrics.json", report)
+    sets = {"eval captions": (prompts[: p.grid_images], images[: p.grid_images])}
+    for name, set_prompts in p.prompt_sets.items():
+        set_images, _ = generate_images(generator, tokenizer, set_prompts, encoder, base)
+        sets[name] = (set_prompts, set_images)
+    report["prompt_sets"] = save_prompt_sets(ctx.outputs["gen_eval"], sets)
+    atomic_write_json(ctx.outputs["gen_eval"] / METRICS, report)
     previews = [(tensor_to_image(image), prompt) for image, prompt in zip(images[: ctx.params.tracking.contact_sheet], prompts)]
     numbers = {key: float(value) for key, value in report.items()
                if isinstance(value, (int, float)) and not isinstance(value, bool)}
-    return StageResult(counts={"samples": len(samples)}, metrics=numbers, report=report, samples=previews)
+    plots = {"fid_vs_steps": sweeps["steps"], "fid_vs_guidance": sweeps["guidance"], "ms_vs_steps": sweeps["steps"]}
+    return StageResult(counts={"samples": len(samples)}, metrics=numbers, report=report, samples=previews, plots=plots)
+
+
+def save_prompt_sets(folder, sets: dict[str, tuple[list[str], Tensor]]) -> dict[str, list[dict]]:
+    """Write each prompt set's images as PNGs under folder/samples/; returns set name -> [{prompt, file}]."""
+    from tokenline.contact_sheet import png_bytes
+
+    index: dict[str, list[dict]] = {}
+    for number, (name, (set_prompts, set_images)) in enumerate(sets.items()):
+        index[name] = []
+        for position, (prompt, image) in enumerate(zip(set_prompts, set_images)):
+            relative = f"samples/set{number}_{position:03d}.png"
+            atomic_write_bytes(folder / relative, png_bytes(tensor_to_image(image)))
+            index[name].append({"prompt": prompt, "file": relative})
+    return index
+
+
+# --------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------
+
+
+def report(ctx: StageContext) -> StageResult:
+    """One HTML report over every active dataset from its gen_eval and recon_eval outputs."""
+    from tokenline.artifacts import git_commit
+    from tokenline.eval.report import DatasetSection, render_report, report_row
+
+    sections = []
+    for name, folders in ctx.dataset_inputs.items():
+        gen = json.loads((folders["gen_eval"] / METRICS).read_text())
+        recon = json.loads((folders["recon_eval"] / METRICS).read_text())
+        prompt_sets = {
+            set_name: [{"prompt": item["prompt"], "png": (folders["gen_eval"] / item["file"]).read_bytes()} for item in items]
+            for set_name, items in gen.get("prompt_sets", {}).items()
+        }
+        sections.append(DatasetSection(name, gen, recon, prompt_sets))
+    html = render_report(sections, ctx.params.report.title, ctx.params.profile, git_commit(ctx.root) or "unknown")
+    rows = [report_row(section) for section in sections]
+    atomic_write_json(ctx.outputs["report"] / "summary.json", {"rows": rows})
+    images = sum(len(items) for section in sections for items in section.prompt_sets.values())
+    return StageResult(counts={"datasets": len(sections), "images": images}, html=html)
