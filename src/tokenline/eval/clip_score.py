@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokenline.artifacts import hash_file
-from tokenline.text.encoder import SHORT_HASH, _freeze, _local_weights_file, _offline_text_config
+from tokenline.text.encoder import SHORT_HASH, freeze, local_weights_file, offline_text_config
 
 DEFINITION = "100 * max(cos(image, caption), 0), mean over images"
 PROGRESS_MIN_BATCHES = 8  # below this many batches a progress bar is noise
@@ -52,12 +52,12 @@ class ClipScorer:
         if weights is None:
             # Random weights would give a number that looks like a metric but means nothing.
             raise ValueError("ClipScorer needs a local weights file (weights=None is not allowed)")
-        weights_file = _local_weights_file(weights)
+        weights_file = local_weights_file(weights)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         import open_clip  # slow import (timm, ...), only paid when CLIPScore is asked for
 
-        _offline_text_config(open_clip, model_name)
+        offline_text_config(open_clip, model_name)
         forced = _tag_preprocess(open_clip, model_name, preprocess_tag)
         try:
             model = open_clip.create_model(
@@ -74,7 +74,7 @@ class ClipScorer:
             raise ValueError(
                 f"weights file {weights_file} does not fit OpenCLIP model {model_name!r}: {err}"
             ) from err
-        self.model = _freeze(model)
+        self.model = freeze(model)
         self.model_name = model_name
         self.weights_file = weights_file
         self.device = torch.device(device)

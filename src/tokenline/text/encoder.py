@@ -199,7 +199,7 @@ class MiniLMEncoder(TextEncoder):
         self._tokenizer.padding_side = "right"
         model = AutoModel.from_pretrained(self._folder, local_files_only=True, dtype=torch.float32)
         self.device = torch.device(device)
-        self._model = _freeze(model).to(self.device)
+        self._model = freeze(model).to(self.device)
 
         limit = int(model.config.max_position_embeddings)
         if not 2 <= max_tokens <= limit:
@@ -253,10 +253,10 @@ class OpenCLIPTextEncoder(TextEncoder):
         device: torch.device | str = "cpu",
     ) -> None:
         super().__init__()
-        weights = _local_weights_file(pretrained)
+        weights = local_weights_file(pretrained)
         import open_clip  # slow import (timm, ...), only paid when OpenCLIP is asked for
 
-        config = _offline_text_config(open_clip, model_name)
+        config = offline_text_config(open_clip, model_name)
         # A resolved absolute path cannot be mistaken for a pretrained tag such as "openai", which open_clip
         # would download.
         model = open_clip.create_model(
@@ -266,7 +266,7 @@ class OpenCLIPTextEncoder(TextEncoder):
             device=device,
         )
         model.visual = None  # the image tower is never used; free its memory (it can be most of the model)
-        self._model = _freeze(model)
+        self._model = freeze(model)
         self._weights_file = weights
         self._tokenizer = open_clip.get_tokenizer(model_name)
         if getattr(self._tokenizer, "reduction_fn", None) is not None:
@@ -449,7 +449,7 @@ class TextEmbeddingCache:
             self._index.update({k: (shard, row) for row, k in enumerate(keys[start:stop])})
 
 
-def _freeze(model: nn.Module) -> nn.Module:
+def freeze(model: nn.Module) -> nn.Module:
     """Eval mode, no gradients: the encoder is a fixed feature extractor."""
     model.eval()
     model.requires_grad_(False)
@@ -464,7 +464,7 @@ def _sha256_state(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _local_weights_file(pretrained: str | Path | None) -> Path | None:
+def local_weights_file(pretrained: str | Path | None) -> Path | None:
     """Resolve `pretrained` to an existing local file, refusing anything open_clip might download."""
     if pretrained is None:
         return None
@@ -477,7 +477,7 @@ def _local_weights_file(pretrained: str | Path | None) -> Path | None:
     return path.resolve()
 
 
-def _offline_text_config(open_clip: Any, model_name: str) -> dict[str, Any]:
+def offline_text_config(open_clip: Any, model_name: str) -> dict[str, Any]:
     """The built-in config of `model_name`, refusing text towers that need the Hugging Face hub."""
     if ":" in model_name:
         raise ValueError(f"OpenCLIP model_name must be a built-in architecture name, got {model_name!r}")
