@@ -22,6 +22,8 @@ from tokenline.tokenizer.train import (
     ShardImages,
     TrainConfig,
     cosine_with_warmup,
+    foreground_mask,
+    pixel_losses,
     train_tokenizer,
 )
 
@@ -240,3 +242,46 @@ def test_ema_warms_up_so_short_runs_forget_the_random_init():
     for step in range(1000):
         init_weight *= ema.decay_at(step)
     assert init_weight < 1e-3 < 0.999**1000
+
+
+def test_foreground_weighting_counts_the_shape_and_is_off_at_zero():
+    # A white 8x8 image with a red 2x2 square: 4 of 64 pixels are foreground.
+    images = torch.ones(2, 3, 8, 8)
+    images[:, 1:, 3:5, 3:5] = -1.0
+    # A black backdrop works too: the background is the border's median colour, not white.
+    images[1] = -images[1]
+    mask = foreground_mask(images, threshold=0.1)
+    assert mask.shape == (2, 1, 8, 8) and mask.sum() == 2 * 4
+    assert mask[:, 0, 3:5, 3:5].eq(1).all()
+
+    # Painting the whole image as background: only the 4 square pixels are wrong, by 2 in two channels.
+    background = images.clone()
+    background[:, 1:, 3:5, 3:5] = images[:, 1:, :1, :1]
+    plain = pixel_losses(background, images, LossConfig(foreground=0.0))
+    assert plain["l1"] == pytest.approx(2 * 2 * 4 / (3 * 64))
+    assert torch.equal(plain["l1"], torch.nn.functional.l1_loss(background, images))
+    assert torch.equal(plain["l2"], torch.nn.functional.mse_loss(background, images))
+    # Weight 4: the square's pixels count 5 times, and the mean is over the weights (64 + 4 * 4).
+    weighted = pixel_losses(background, images, LossConfig(foreground=4.0))
+    assert weighted["l1"] == pytest.approx(5 * 2 * 2 * 4 / (3 * (64 + 16)))
+    assert weighted["l2"] == pytest.approx(5 * 4 * 2 * 4 / (3 * (64 + 16)))
+    assert weighted["l1"] > 3 * plain["l1"]
+    # An image without foreground keeps the plain mean.
+    blank = torch.ones(1, 3, 8, 8)
+    assert torch.allclose(pixel_losses(blank * 0.5, blank, LossConfig(foreground=4.0))["l1"], torch.tensor(0.5))
+    # The boost stops where the foreground would outweigh the background: with a quarter of the
+    # pixels foreground the weight is 1 + (1 - 2/4) / (1/4) = 3, not 1 + 16, and at half it is plain.
+    quarter = torch.ones(1, 3, 8, 8)
+    quarter[:, 1:, :4, :4] = -1.0
+    quarter[:, :, 0, :] = 1.0  # keep the border white so the background is white
+    quarter[:, :, :, 0] = 1.0
+    share = foreground_mask(quarter, 0.1).mean().item()
+    capped = pixel_losses(torch.ones_like(quarter), quarter, LossConfig(foreground=16.0))
+    weight = 1 + (1 - 2 * share) / share
+    assert capped["l1"] == pytest.approx(weight * 2 * 2 * share / (3 * (weight * share + 1 - share)))
+    half = torch.ones(1, 3, 8, 8)
+    half[:, 1:, 1:7, 1:7] = -1.0  # 36 of 64 pixels: more than half
+    assert torch.equal(pixel_losses(torch.ones_like(half), half, LossConfig(foreground=16.0))["l1"],
+                       torch.nn.functional.l1_loss(torch.ones_like(half), half))
+    with pytest.raises(ValueError, match="foreground"):
+        LossConfig(foreground=-1.0)

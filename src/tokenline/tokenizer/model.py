@@ -2,6 +2,11 @@
 squeezes them, and a second ViT paints every patch back from those K tokens alone.
 
 TiTok's layout, with TexTok's option of caption tokens in both encoder and decoder.
+
+`layout="grid"` is the 2D baseline to compare against: no learned latent tokens, the encoder's
+outputs at the patch positions are the latents themselves (one per patch, raster order, so
+K = grid**2), and the decoder reads that latent grid directly as its patch tokens (no mask
+tokens). Everything downstream sees [B, K, D] latents either way.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from torch import Tensor, nn
 from tokenline.tokenizer.quantizers import QUANTIZERS, CodebookQuantizer, QuantizerOutput, build_quantizer
 
 TOKEN_COUNTS = (16, 32, 64, 128)
+LAYOUTS = ("1d", "grid")  # learned 1D latent tokens (TiTok) | one latent per patch (a 2D grid)
 
 
 # -----------------------------------------------------------------------------
@@ -43,6 +49,7 @@ class TokenizerConfig:
     text_tokens: int = 32       # caption tokens that enter, at most; longer captions are cut
     mlp_ratio: float = 4.0      # MLP hidden width / width
     dropout: float = 0.0        # dropout in attention and MLP
+    layout: str = "1d"          # 1d: K learned latent tokens | grid: the patch outputs are the latents (K = grid**2)
 
     def __post_init__(self):
         if self.num_tokens not in TOKEN_COUNTS:
@@ -55,6 +62,14 @@ class TokenizerConfig:
             raise ValueError(f"unknown quantizer kind {self.quantizer!r}; choose one of: {', '.join(QUANTIZERS)}")
         if self.text_dim < 0 or (self.text_dim and self.text_tokens < 1):
             raise ValueError("text conditioning needs text_dim > 0 and text_tokens >= 1")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown tokenizer layout {self.layout!r}; choose one of: {', '.join(LAYOUTS)}")
+        if self.layout == "grid" and self.num_tokens != self.grid**2:
+            raise ValueError(
+                f"layout 'grid' has one latent per patch: image_size {self.image_size} / patch_size "
+                f"{self.patch_size} gives {self.grid}x{self.grid} = {self.grid**2} latents, but num_tokens "
+                f"is {self.num_tokens}; set num_tokens to {self.grid**2} or use layout '1d'"
+            )
 
     @property
     def grid(self) -> int:
@@ -62,8 +77,11 @@ class TokenizerConfig:
         return self.image_size // self.patch_size
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready fields."""
-        return asdict(self)
+        """Plain JSON-ready fields; `layout` only when not "1d", so 1D configs (and their hashes) stay as before."""
+        values = asdict(self)
+        if values["layout"] == "1d":
+            del values["layout"]
+        return values
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TokenizerConfig:
@@ -132,27 +150,33 @@ class Transformer(nn.Module):
 # -----------------------------------------------------------------------------
 
 class Tokenizer1D(nn.Module):
-    """Image <-> K 1D tokens: ViT encoder, quantizer, ViT decoder."""
+    """Image <-> K 1D tokens: ViT encoder, quantizer, ViT decoder (or K = grid**2 patch latents: layout "grid")."""
 
     def __init__(self, config: TokenizerConfig):
         super().__init__()
         c = self.config = config
         patches = c.grid**2
-        # Encoder: patches plus K learned latent tokens that gather the image through attention.
+        grid = c.layout == "grid"
+        # Encoder: patches plus K learned latent tokens that gather the image through attention
+        # (grid: no latent tokens, the patch outputs are the latents). Parameters are created in
+        # the same order as before the grid layout existed, so a 1d model's seeded init is unchanged.
         self.patchify = nn.Conv2d(c.channels, c.width, c.patch_size, stride=c.patch_size)
         self.patch_pos = nn.Parameter(torch.randn(patches, c.width) * 0.02)
-        self.latent_tokens = nn.Parameter(torch.randn(c.num_tokens, c.width) * 0.02)
+        if not grid:
+            self.latent_tokens = nn.Parameter(torch.randn(c.num_tokens, c.width) * 0.02)
         self.encoder = Transformer(c)
         self.to_latent = nn.Linear(c.width, c.token_dim)
         options = dict(c.quantizer_options)
         if issubclass(QUANTIZERS[c.quantizer], CodebookQuantizer):
             options.setdefault("codebook_size", c.codebook_size)
         self.quantizer = build_quantizer(c.quantizer, c.token_dim, **options)
-        # Decoder: the K latents, plus one mask token per patch position to paint that patch.
+        # Decoder: the K latents, plus one mask token per patch position to paint that patch
+        # (grid: the latents sit at the patch positions, latent_pos is their position embedding).
         self.from_latent = nn.Linear(c.token_dim, c.width)
         self.latent_pos = nn.Parameter(torch.randn(c.num_tokens, c.width) * 0.02)
-        self.mask_token = nn.Parameter(torch.randn(c.width) * 0.02)
-        self.mask_pos = nn.Parameter(torch.randn(patches, c.width) * 0.02)
+        if not grid:
+            self.mask_token = nn.Parameter(torch.randn(c.width) * 0.02)
+            self.mask_pos = nn.Parameter(torch.randn(patches, c.width) * 0.02)
         self.decoder = Transformer(c)
         self.to_pixels = nn.Linear(c.width, c.patch_size**2 * c.channels)
         self.apply(_init_linear)
@@ -185,6 +209,8 @@ class Tokenizer1D(nn.Module):
         """Images [B, C, H, W] in [-1, 1] -> quantized K tokens."""
         text = self._text(text, len(images))
         x = rearrange(self.patchify(images), "b c h w -> b (h w) c") + self.patch_pos
+        if self.config.layout == "grid":  # one latent per patch, raster order
+            return self.quantizer(self.to_latent(self.encoder(x, text)))
         latents = self.latent_tokens.expand(len(images), -1, -1)
         x = self.encoder(torch.cat([x, latents], dim=1), text)
         return self.quantizer(self.to_latent(x[:, -self.config.num_tokens :]))
@@ -194,8 +220,11 @@ class Tokenizer1D(nn.Module):
         c = self.config
         text = self._text(text, len(latents))
         x = self.from_latent(latents) + self.latent_pos
-        masks = (self.mask_token + self.mask_pos).expand(len(latents), -1, -1)
-        x = self.decoder(torch.cat([x, masks], dim=1), text)[:, c.num_tokens :]
+        if c.layout == "grid":  # the latent grid is the patch sequence
+            x = self.decoder(x, text)
+        else:
+            masks = (self.mask_token + self.mask_pos).expand(len(latents), -1, -1)
+            x = self.decoder(torch.cat([x, masks], dim=1), text)[:, c.num_tokens :]
         patches = self.to_pixels(x)
         images = rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=c.grid, p=c.patch_size, q=c.patch_size)
         return torch.tanh(images)

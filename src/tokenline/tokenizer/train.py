@@ -51,7 +51,10 @@ from tokenline.training import (
     write_state_folder,
 )
 
-__all__ = ["EMA", "LossConfig", "ResumeRefusedError", "ShardImages", "TrainConfig", "cosine_with_warmup", "saved_config_differences", "train_tokenizer"]
+__all__ = [
+    "EMA", "LossConfig", "ResumeRefusedError", "ShardImages", "TrainConfig", "cosine_with_warmup",
+    "foreground_mask", "pixel_losses", "saved_config_differences", "train_tokenizer",
+]
 
 STATE = "state"
 CHECKPOINT = "checkpoint"
@@ -141,6 +144,46 @@ def _export(folder: Path, model: Tokenizer1D, ema: EMA) -> None:
     ema.copy_to(exported)
     with atomic_dir(folder) as temp:
         save_checkpoint(exported, temp)
+
+
+# -----------------------------------------------------------------------------
+# Losses
+# -----------------------------------------------------------------------------
+
+def foreground_mask(images: Tensor, threshold: float) -> Tensor:
+    """[B, 1, H, W] float, 1 where a pixel differs from its image's background by more than `threshold`.
+
+    The background is the per-channel median of the image's one-pixel border, so a white, black or
+    coloured backdrop all work; a pixel is foreground when any channel is further from it than
+    `threshold` (images in [-1, 1]).
+    """
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1)
+    background = border.median(dim=-1).values[..., None, None]  # [B, C, 1, 1]
+    return ((images - background).abs().amax(dim=1, keepdim=True) > threshold).float()
+
+
+def pixel_losses(reconstruction: Tensor, images: Tensor, loss: LossConfig) -> dict[str, Tensor]:
+    """The L1 and L2 terms: plain means, or with loss.foreground > 0 means weighted toward the foreground.
+
+    A foreground pixel (foreground_mask) weighs 1 + w, every other pixel 1, where per image
+    w = min(loss.foreground, (1 - 2 f) / f) and f is the image's foreground share: the boost stops
+    where the foreground would outweigh the background, so a few small shapes on white get the
+    full weight while a glyph that fills half the image is left nearly plain. The weighted mean
+    divides by the weights' sum, so the loss keeps its scale (an image without foreground gives
+    the plain mean) and only the balance between foreground and background pixels moves.
+    """
+    if loss.foreground <= 0:
+        return {"l1": F.l1_loss(reconstruction, images), "l2": F.mse_loss(reconstruction, images)}
+    mask = foreground_mask(images, loss.foreground_threshold)
+    share = mask.mean(dim=(1, 2, 3), keepdim=True)
+    extra = ((1.0 - 2.0 * share) / share.clamp_min(1e-6)).clamp(0.0, loss.foreground)
+    weights = 1.0 + extra * mask
+    total = weights.sum() * images.shape[1]  # the weights broadcast over the channels
+    difference = reconstruction - images
+    return {
+        "l1": (weights * difference.abs()).sum() / total,
+        "l2": (weights * difference.square()).sum() / total,
+    }
 
 
 # -----------------------------------------------------------------------------
@@ -240,7 +283,7 @@ def train_tokenizer(
         reconstruction, quantized = model(images, text)
         # Reconstruction losses in float32 whatever the autocast precision.
         reconstruction = reconstruction.float()
-        terms = {"l1": F.l1_loss(reconstruction, images), "l2": F.mse_loss(reconstruction, images)}
+        terms = pixel_losses(reconstruction, images, weights)
         reconstruction_loss = weights.l1 * terms["l1"] + weights.l2 * terms["l2"]
         if perceptual is not None:
             terms["perceptual"] = perceptual(reconstruction, images)

@@ -40,9 +40,17 @@ class LossConfig:
     disc_layers: int = 2              # strided layers of the PatchGAN; 2 keeps 32 px inputs valid
     perceptual: float = 1.0           # weight of the VGG perceptual term, when its weights exist locally
     perceptual_weights: str | None = None  # local VGG16 `features` weights file; none: skipped with one notice
+    # Foreground weighting of the L1 and L2 terms: a pixel that differs from its image's background
+    # (the median colour of the image's border) by more than foreground_threshold in some channel
+    # weighs 1 + foreground, every other pixel 1, and the terms are weighted means; per image the
+    # boost is capped where the foreground would outweigh the background (train.pixel_losses).
+    # Small objects on a plain background (the `shapes` scenes: about a tenth of the pixels) are
+    # otherwise cheapest to paint over with the background. 0: plain means.
+    foreground: float = 0.0
+    foreground_threshold: float = 0.1  # in the [-1, 1] pixel range (0.1: about 13 of 255 levels)
 
     def __post_init__(self):
-        for name in ("l1", "l2", "adversarial", "perceptual", "disc_lr"):
+        for name in ("l1", "l2", "adversarial", "perceptual", "disc_lr", "foreground", "foreground_threshold"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, not {getattr(self, name)}")
         if self.adversarial_start < 0 or self.disc_width < 1 or self.disc_layers < 1:
