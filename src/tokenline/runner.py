@@ -146,8 +146,12 @@ def run_one(
             name: stack.enter_context(atomic_dir(output_path(root, dataset, name)))
             for name in stage.outputs
         }
-        per_dataset = {name: {output: output_path(root, name, output) for output in stage.inputs}
-                       for name in params.active_datasets} if dataset is None else {}
+        # A project stage's folders are keyed "<dataset>/<output>": regroup them by dataset.
+        per_dataset: dict[str, dict[str, Path]] = {}
+        if dataset is None:
+            for key, folder in folders.items():
+                name, output = key.split("/", 1)
+                per_dataset.setdefault(name, {})[output] = folder
         inputs = folders if dataset is not None else {}
         context = StageContext(stage, params, dataset, root, inputs, temps, tracker, resume, force, per_dataset)
         try:
