@@ -1,4 +1,5 @@
-"""Pieces every training loop shares: EMA, the warm-up/cosine schedule, RNG capture, resume checks.
+"""Pieces every training loop shares: EMA, the warm-up/cosine schedule, RNG capture, resume checks,
+and the step bookkeeping (progress bar, log and checkpoint cadence, throughput, the summary).
 
 The tokenizer and generator loops differ in their data and losses; what makes a run resumable
 bit for bit (the RNG states, the schedule, the EMA shadow) and what refuses a changed config
@@ -10,15 +11,17 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import safetensors.torch
 import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
+from tqdm import tqdm
 
 from tokenline.artifacts import atomic_dir, atomic_write_bytes, atomic_write_json
 
@@ -32,7 +35,7 @@ PROGRESS = "progress.json"
 MODEL_CONFIG = "model_config.json"
 TRAIN_CONFIG = "train_config.json"  # written last: its presence marks a complete folder
 
-__all__ = ["EMA", "ResumeRefusedError", "config_differences", "cosine_with_warmup", "RunStart", "restore_optimization", "restore_run", "rng_states", "saved_config_differences", "seed_everything", "set_rng_states", "start_run", "write_state_folder"]
+__all__ = ["EMA", "ResumeRefusedError", "StepLoop", "apply_gradients", "config_differences", "cosine_with_warmup", "RunProgress", "restore_optimization", "restore_run", "rng_states", "saved_config_differences", "seed_everything", "set_rng_states", "start_run", "write_state_folder"]
 
 
 class ResumeRefusedError(ValueError):
@@ -175,15 +178,15 @@ def write_state_folder(
 
 
 @dataclass
-class RunStart:
-    """Where a training run starts: the step, the samples seen and the last loss."""
+class RunProgress:
+    """Where a training run stands: the steps taken, the samples seen and the last loss."""
 
     step: int = 0
     samples_seen: int = 0
     loss: float = float("nan")
 
 
-def start_run(model: nn.Module, state_dir: Path, train_config, resume: bool, force: bool, stage: str) -> RunStart:
+def start_run(model: nn.Module, state_dir: Path, train_config, resume: bool, force: bool, stage: str) -> RunProgress:
     """A fresh run seeds everything from the config; a resumed one checks the saved config, then loads weights and progress.
 
     Refuses (ResumeRefusedError, naming the keys) a state saved with another model or train
@@ -191,7 +194,7 @@ def start_run(model: nn.Module, state_dir: Path, train_config, resume: bool, for
     """
     if not resume:
         seed_everything(train_config.seed)
-        return RunStart()
+        return RunProgress()
     if not (state_dir / TRAIN_CONFIG).is_file():
         raise FileNotFoundError(f"{state_dir}: no complete training state to resume from")
     differing = saved_config_differences(state_dir, model.config.to_dict(), train_config.to_dict())
@@ -202,7 +205,7 @@ def start_run(model: nn.Module, state_dir: Path, train_config, resume: bool, for
         )
     progress = json.loads((state_dir / PROGRESS).read_text())
     model.load_state_dict(safetensors.torch.load_file(state_dir / MODEL_WEIGHTS))
-    return RunStart(progress["step"], progress["samples_seen"], progress["loss"])
+    return RunProgress(progress["step"], progress["samples_seen"], progress["loss"])
 
 
 def restore_run(state_dir: Path, ema: EMA, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, lr: float,
@@ -212,3 +215,85 @@ def restore_run(state_dir: Path, ema: EMA, optimizer: torch.optim.Optimizer, sch
     restore_optimization(optimizer, scheduler, state_dir / OPTIMIZER, state_dir / SCHEDULER, lr, weight_decay)
     # Our own file; the numpy and python RNG states are not plain tensors.
     set_rng_states(torch.load(state_dir / RNG, weights_only=False))
+
+
+def apply_gradients(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
+                    grad_clip: float) -> tuple[float, Tensor | None]:
+    """Clip (when grad_clip > 0), step the optimizer and the schedule, clear the gradients.
+
+    Returns the learning rate the step used and the gradient norm before clipping (None
+    without clipping), left a tensor so that no step waits on the device unless it logs.
+    """
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr, grad_norm
+
+
+class StepLoop:
+    """The step bookkeeping of a training loop: progress bar, log and checkpoint cadence, throughput, summary.
+
+    `checkpoint(progress)` writes a state folder at `progress.step`; the loop calls it every
+    `config.checkpoint_every` steps and once at the end unless the last step was just saved.
+    """
+
+    def __init__(self, name: str, config, start: RunProgress, items_per_step: int,
+                 checkpoint: Callable[[RunProgress], None], state_dir: Path, show_bar: bool = True):
+        self.config, self.checkpoint, self.state_dir = config, checkpoint, Path(state_dir)
+        self.progress = RunProgress(start.step, start.samples_seen, start.loss)
+        self.items_per_step = items_per_step
+        self.first_step = self.saved_step = start.step
+        self.started = self.interval_started = time.perf_counter()
+        self.bar = tqdm(total=config.steps, initial=start.step, desc=name, unit="step", disable=not show_bar)
+
+    @property
+    def step(self) -> int:
+        """Steps taken, counting those of a resumed run."""
+        return self.progress.step
+
+    def running(self) -> bool:
+        """Whether steps remain."""
+        return self.progress.step < self.config.steps
+
+    def refuse_non_finite(self, loss: Tensor) -> None:
+        """Stop with FloatingPointError on a NaN or infinite loss, before backward and before any write."""
+        if not torch.isfinite(loss):
+            # The last good state folder stays as it is.
+            self.bar.close()
+            raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {self.progress.step + 1}")
+
+    def advance(self, loss: float, samples: int) -> None:
+        """Count one finished step of `samples` samples (all processes) that ended at `loss`."""
+        self.progress.step += 1
+        self.progress.samples_seen += samples
+        self.progress.loss = loss
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}")
+
+    def log_due(self) -> bool:
+        """Whether this step is a log step."""
+        return self.progress.step % self.config.log_every == 0
+
+    def interval_rate(self) -> float:
+        """Items per second since the previous call (or the loop's start)."""
+        now = time.perf_counter()
+        rate = self.config.log_every * self.items_per_step / max(now - self.interval_started, 1e-9)
+        self.interval_started = now
+        return rate
+
+    def checkpoint_if_due(self) -> None:
+        """Write a state folder every `checkpoint_every` steps."""
+        if self.progress.step % self.config.checkpoint_every == 0:
+            self.checkpoint(self.progress)
+            self.saved_step = self.progress.step
+
+    def finish(self) -> float:
+        """Close the bar and write the last state folder unless just written; returns items/s over this run's steps."""
+        self.bar.close()
+        elapsed = time.perf_counter() - self.started
+        if self.saved_step != self.progress.step or not (self.state_dir / TRAIN_CONFIG).is_file():
+            self.checkpoint(self.progress)
+        trained = self.progress.step - self.first_step
+        return trained * self.items_per_step / elapsed if trained else 0.0

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from tokenline.artifacts import atomic_dir
 from tokenline.generator.checkpoint import save_generator
@@ -37,6 +37,9 @@ from tokenline.training import (
     SCHEDULER,
     TRAIN_CONFIG,
     EMA,
+    RunProgress,
+    StepLoop,
+    apply_gradients,
     cosine_with_warmup,
     restore_run,
     rng_states,
@@ -103,7 +106,6 @@ def train_generator(
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
 
     begun = start_run(model, state_dir, config, resume, force, "generator")
-    step, samples_seen, last_loss = begun.step, begun.samples_seen, begun.loss
 
     model.train()
     ema = EMA(model, config.ema_decay)
@@ -112,19 +114,18 @@ def train_generator(
     if resume:
         restore_run(state_dir, ema, optimizer, scheduler, config.lr, config.weight_decay)
 
-    batches = cache_batches(cache, config.batch_size, config.seed, samples_seen,
+    batches = cache_batches(cache, config.batch_size, config.seed, begun.samples_seen,
                             accelerator.process_index, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw_model = accelerator.unwrap_model(model)
 
-    def checkpoint(at_step: int) -> None:
+    def checkpoint(progress: RunProgress) -> None:
         if accelerator.is_main_process:
             write_state_folder(
                 state_dir,
                 {MODEL_WEIGHTS: raw_model.state_dict(), EMA_WEIGHTS: ema.state_dict()},
                 {OPTIMIZER: optimizer.state_dict(), SCHEDULER: scheduler.state_dict(), RNG: rng_states()},
-                {PROGRESS: {"step": at_step, "samples_seen": samples_seen, "loss": last_loss},
-                 MODEL_CONFIG: raw_model.config.to_dict(), TRAIN_CONFIG: config.to_dict()},
+                {PROGRESS: asdict(progress), MODEL_CONFIG: raw_model.config.to_dict(), TRAIN_CONFIG: config.to_dict()},
             )
             exported = copy.deepcopy(raw_model)
             ema.copy_to(exported)
@@ -132,11 +133,10 @@ def train_generator(
                 save_generator(exported, temp)
         accelerator.wait_for_everyone()
 
-    first_step, saved_step = step, step
-    loop_started = interval_started = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=step, desc="generator", unit="step",
-               disable=not accelerator.is_local_main_process)
-    while step < config.steps:
+    samples_per_step = config.batch_size * accelerator.num_processes
+    loop = StepLoop("generator", config, begun, samples_per_step, checkpoint, state_dir,
+                    show_bar=accelerator.is_local_main_process)
+    while loop.running():
         rows = next(batches)
         text = text_batch(rows, accelerator.device)
         # Caption dropout from the global RNG, which the state folder restores on resume.
@@ -148,44 +148,23 @@ def train_generator(
                 loss = flow_matching_loss(model, x0, text, drop, config.time_mean, config.time_std)
             else:
                 loss = masked_token_loss(model, rows["codes"].to(accelerator.device), text, drop, config.replace_prob)
-        if not torch.isfinite(loss):
-            # Before backward and before any write: the last good state folder stays as it is.
-            bar.close()
-            raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step + 1}")
+        loop.refuse_non_finite(loss)
         accelerator.backward(loss)
-        grad_norm = None
-        if config.grad_clip > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(raw_model, step)
-        step += 1
-        samples_seen += config.batch_size * accelerator.num_processes
-        last_loss = loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{last_loss:.4f}")
+        lr, grad_norm = apply_gradients(accelerator, model, optimizer, scheduler, config.grad_clip)
+        ema.update(raw_model, loop.step)
+        loop.advance(loss.item(), samples_per_step)
 
-        if log_fn is not None and step % config.log_every == 0 and accelerator.is_main_process:
-            now = time.perf_counter()
-            metrics = {"loss": last_loss, "lr": lr}
+        if log_fn is not None and loop.log_due() and accelerator.is_main_process:
+            metrics = {"loss": loop.progress.loss, "lr": lr}
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
-            metrics["samples_per_s"] = config.log_every * config.batch_size * accelerator.num_processes / max(now - interval_started, 1e-9)
-            interval_started = now
-            log_fn(step, metrics)
-        if step % config.checkpoint_every == 0:
-            checkpoint(step)
-            saved_step = step
-    bar.close()
-    elapsed = time.perf_counter() - loop_started
-    if saved_step != step or not (state_dir / TRAIN_CONFIG).is_file():
-        checkpoint(step)
-    trained = step - first_step
+            metrics["samples_per_s"] = loop.interval_rate()
+            log_fn(loop.step, metrics)
+        loop.checkpoint_if_due()
+    samples_per_s = loop.finish()
     return {
-        "steps": step,
-        "final_loss": last_loss,
-        "samples_per_s": trained * config.batch_size * accelerator.num_processes / elapsed if trained else 0.0,
+        "steps": loop.step,
+        "final_loss": loop.progress.loss,
+        "samples_per_s": samples_per_s,
         "wall_time_s": time.perf_counter() - started,
     }

@@ -8,7 +8,7 @@ out_dir/checkpoint/  the EMA weights as a plain tokenizer checkpoint (save_check
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -18,7 +18,6 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from tokenline.artifacts import atomic_dir
 from tokenline.tokenizer.checkpoint import save_checkpoint
@@ -42,6 +41,9 @@ from tokenline.training import (
     SCHEDULER,
     TRAIN_CONFIG,
     EMA,
+    RunProgress,
+    StepLoop,
+    apply_gradients,
     ResumeRefusedError,
     cosine_with_warmup,
     restore_run,
@@ -123,7 +125,7 @@ class _Adversary:
     optimizer: torch.optim.Optimizer
 
 
-def _write_state(folder: Path, model, ema, optimizer, scheduler, adversary, config, step, samples_seen, loss) -> None:
+def _write_state(folder: Path, model, ema, optimizer, scheduler, adversary, config, progress: RunProgress) -> None:
     """Write a complete state folder, replacing the old one only once the new one is whole."""
     tensors = {MODEL_WEIGHTS: model.state_dict(), EMA_WEIGHTS: ema.state_dict()}
     objects = {OPTIMIZER: optimizer.state_dict(), SCHEDULER: scheduler.state_dict(), RNG: rng_states()}
@@ -131,7 +133,7 @@ def _write_state(folder: Path, model, ema, optimizer, scheduler, adversary, conf
         tensors[DISC_WEIGHTS] = adversary.discriminator.state_dict()
         objects[DISC_OPTIMIZER] = adversary.optimizer.state_dict()
     documents = {
-        PROGRESS: {"step": step, "samples_seen": samples_seen, "loss": loss},
+        PROGRESS: asdict(progress),
         MODEL_CONFIG: model.config.to_dict(),
         TRAIN_CONFIG: config.to_dict(),
     }
@@ -229,7 +231,6 @@ def train_tokenizer(
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
 
     begun = start_run(model, state_dir, config, resume, force, "tokenizer")
-    step, samples_seen, last_loss = begun.step, begun.samples_seen, begun.loss
 
     model.train()
     ema = EMA(model, config.ema_decay)
@@ -245,7 +246,7 @@ def train_tokenizer(
             adversary.discriminator.load_state_dict(safetensors.torch.load_file(state_dir / DISC_WEIGHTS))
             adversary.optimizer.load_state_dict(torch.load(state_dir / DISC_OPTIMIZER, weights_only=True))
 
-    data = ShardImages(shard_dir, seed=config.seed, start=samples_seen,
+    data = ShardImages(shard_dir, seed=config.seed, start=begun.samples_seen,
                        rank=accelerator.process_index, world_size=accelerator.num_processes)
     # The loader is not passed to accelerator.prepare: ShardImages splits the data between
     # processes itself, and its wrapper would read batches ahead of the position we count.
@@ -261,20 +262,18 @@ def train_tokenizer(
     if data.images.shape[-1] != size or data.images.shape[-2] != size:
         raise ValueError(f"{shard_dir}: images are {list(data.images.shape[-2:])}, the model expects {size}x{size}")
 
-    def checkpoint(at_step: int) -> None:
+    def checkpoint(progress: RunProgress) -> None:
         if accelerator.is_main_process:
             plain = None if adversary is None else _Adversary(accelerator.unwrap_model(adversary.discriminator), adversary.optimizer)
-            _write_state(state_dir, raw_model, ema, optimizer, scheduler, plain, config, at_step, samples_seen, last_loss)
+            _write_state(state_dir, raw_model, ema, optimizer, scheduler, plain, config, progress)
             _export(out_dir / CHECKPOINT, raw_model, ema)
         accelerator.wait_for_everyone()
 
     weights = config.loss
     batches = iter(loader)
-    first_step, saved_step = step, step
-    loop_started = interval_started = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=step, desc="tokenizer", unit="step",
-               disable=not accelerator.is_local_main_process)
-    while step < config.steps:
+    loop = StepLoop("tokenizer", config, begun, config.batch_size * accelerator.num_processes, checkpoint, state_dir,
+                    show_bar=accelerator.is_local_main_process)
+    while loop.running():
         images, keys = next(batches)
         images = images.to(accelerator.device)
         text = None
@@ -289,24 +288,15 @@ def train_tokenizer(
             terms["perceptual"] = perceptual(reconstruction, images)
             reconstruction_loss = reconstruction_loss + weights.perceptual * terms["perceptual"]
         loss = reconstruction_loss + quantized.loss.float()
-        adversarial_on = adversary is not None and adversarial_factor(step, weights.adversarial_start) > 0
+        adversarial_on = adversary is not None and adversarial_factor(loop.step, weights.adversarial_start) > 0
         if adversarial_on:
             terms["generator"] = hinge_generator_loss(adversary.discriminator(reconstruction))
             # Balances the two gradients at the decoder's last layer, as VQGAN does.
             terms["adaptive_weight"] = adaptive_weight(reconstruction_loss, terms["generator"], raw_model.to_pixels.weight)
             loss = loss + weights.adversarial * terms["adaptive_weight"] * terms["generator"]
-        if not torch.isfinite(loss):
-            # Before backward and before any write: the last good state folder stays as it is.
-            bar.close()
-            raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {step + 1}")
+        loop.refuse_non_finite(loss)
         accelerator.backward(loss)
-        grad_norm = None
-        if config.grad_clip > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr, grad_norm = apply_gradients(accelerator, model, optimizer, scheduler, config.grad_clip)
         if adversarial_on:
             # The generator's backward left gradients in the discriminator: clear them first.
             adversary.optimizer.zero_grad(set_to_none=True)
@@ -317,35 +307,23 @@ def train_tokenizer(
             accelerator.backward(terms["discriminator"])
             adversary.optimizer.step()
             adversary.optimizer.zero_grad(set_to_none=True)
-        ema.update(raw_model, step)
-        step += 1
-        samples_seen += len(images) * accelerator.num_processes
-        last_loss = loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{last_loss:.4f}")
+        ema.update(raw_model, loop.step)
+        loop.advance(loss.item(), len(images) * accelerator.num_processes)
 
-        if log_fn is not None and step % config.log_every == 0 and accelerator.is_main_process:
-            now = time.perf_counter()
-            metrics = {"loss": last_loss, "quantizer": quantized.loss.item(), "lr": lr}
+        if log_fn is not None and loop.log_due() and accelerator.is_main_process:
+            metrics = {"loss": loop.progress.loss, "quantizer": quantized.loss.item(), "lr": lr}
             metrics |= {name: float(value.detach()) for name, value in terms.items()}
             metrics |= {f"quantizer/{name}": float(value.detach()) for name, value in quantized.terms.items()}
             metrics |= {f"quantizer/{name}": float(value) for name, value in raw_model.quantizer.usage_stats().items()}
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
-            metrics["images_per_s"] = config.log_every * config.batch_size * accelerator.num_processes / max(now - interval_started, 1e-9)
-            interval_started = now
-            log_fn(step, metrics)
-        if step % config.checkpoint_every == 0:
-            checkpoint(step)
-            saved_step = step
-    bar.close()
-    elapsed = time.perf_counter() - loop_started
-    if saved_step != step or not (state_dir / TRAIN_CONFIG).is_file():
-        checkpoint(step)
-    trained = step - first_step
+            metrics["images_per_s"] = loop.interval_rate()
+            log_fn(loop.step, metrics)
+        loop.checkpoint_if_due()
+    images_per_s = loop.finish()
     return {
-        "steps": step,
-        "final_loss": last_loss,
-        "images_per_s": trained * config.batch_size * accelerator.num_processes / elapsed if trained else 0.0,
+        "steps": loop.step,
+        "final_loss": loop.progress.loss,
+        "images_per_s": images_per_s,
         "wall_time_s": time.perf_counter() - started,
     }
