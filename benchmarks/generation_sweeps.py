@@ -20,7 +20,7 @@ threads given by `--threads`; single runs vary by about 15 % on a shared machine
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/generation_sweeps.py [--root DIR]
        [--profile cpu] [--dataset openmoji] [--samples N] [--steps 1,2,4,8,25] [--guidance 3.0]
-       [--samplers euler,heun,euler_maruyama,time_shift] [--threads 1] [--set key=value ...]
+       [--samplers euler,heun,euler_maruyama,time_shift] [--probe-guidance 5,7] [--threads 1] [--set key=value ...]
        [--seed-from DIR ...] [--no-seed]
 
 The other two generation benchmarks import the helpers below (`prepare_root`, `run_stages`,
@@ -193,7 +193,7 @@ def seed_sources(args: argparse.Namespace) -> list[Path]:
 
 
 def measure(root: Path, params: Params, dataset: str, samples: int, steps_list: list[int], guidance: float,
-            samplers: list[str]) -> dict:
+            samplers: list[str], probe_guidance: list[float] = ()) -> dict:
     """Every figure of the benchmark, from the scratch root's generator, tokenizer and probe."""
     from tokenline.eval.generation import GenerationMetrics
     from tokenline.eval.probe import load_probe, probe_scores
@@ -234,7 +234,7 @@ def measure(root: Path, params: Params, dataset: str, samples: int, steps_list: 
     probe_model = load_probe(output_path(root, dataset, "probe"))
     real_scores = probe_scores(probe_model, real, pooled, group=group)
     probes = []
-    for g in dict.fromkeys([base.guidance, *scales]):
+    for g in dict.fromkeys([base.guidance, *scales, *probe_guidance]):
         generated = probe_scores(probe_model, run(replace(base, guidance=g))["images"], pooled, group=group)
         probes.append({"sampler": base.sampler, "steps": base.steps, "guidance": g,
                        "probe_score": generated["probe_score"], "probe_r1": generated["probe_r1"],
@@ -261,6 +261,8 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=None,
                         help="the guided scale (default 3.0, or generator.sample.guidance when that is > 1)")
     parser.add_argument("--samplers", default="euler,heun,euler_maruyama,time_shift")
+    parser.add_argument("--probe-guidance", default="",
+                        help="further guidance scales for the probe table only, e.g. 5,7 (each also gets FID/KID)")
     args = parser.parse_args()
     setup_threads(args.threads)
     overrides = ["tokenizer.quantizer=kl", *args.overrides]
@@ -274,7 +276,8 @@ def main() -> None:
     guidance = args.guidance or (params.generator.sample.guidance if params.generator.sample.guidance > 1 else 3.0)
     started = time.perf_counter()
     figures = measure(args.root, params, args.dataset, args.samples or params.gen_eval.samples,
-                      [int(s) for s in args.steps.split(",")], guidance, args.samplers.split(","))
+                      [int(s) for s in args.steps.split(",")], guidance, args.samplers.split(","),
+                      [float(g) for g in args.probe_guidance.split(",") if g])
     figures |= {"measure_wall_s": time.perf_counter() - started, "pipeline": pipeline, "seeded": copied,
                 "profile": args.profile, "dataset": args.dataset, "overrides": overrides,
                 "generator_training": training_summary(args.root, args.dataset, "generator"),
