@@ -3,13 +3,15 @@
 The tokenizer, generator and probe come from the real pipeline (`run_with_upstream` up to the
 `generator` and `probe` stages, by default the cpu profile on OpenMoji with a kl tokenizer, so the
 generator is a flow transformer); the figures are then measured here with the same library calls
-as the `gen_eval` stage and against the same reference set (the first `gen_eval.samples` real
+as the `gen_eval` stage and against the same reference set (the first `--samples` (300) real
 images, val split first, their captions as prompts):
 
 * FID and KID for Euler at each `--steps` count, without guidance (scale 1) and with guidance
   (`--guidance`, default 3.0 or the profile's scale when that is above 1);
 * probe score and R@1 of generated images against the real ones at the profile's sampling
-  setup (and with guidance), with the goal "generated R@1 >= 1/2 of real" as met / not met;
+  setup (and with guidance), with the goal "generated R@1 >= 1/2 of real" as met / not met,
+  and of the real images passed through the tokenizer: the ceiling of any generator over its
+  tokens;
 * each sampler at the profile's step count: ms per image, NFE and FID.
 
 Stage outputs are reused while fresh (a rerun only re-measures); `--seed-from` copies missing
@@ -147,6 +149,21 @@ def timed_generation(generator, tokenizer, prompts: list[str], encoder, options)
     return images, 1000.0 * (time.perf_counter() - started) / max(1, len(prompts)), nfe
 
 
+def reconstruct(tokenizer, images: torch.Tensor, captions: list[str], encoder) -> torch.Tensor:
+    """Images through the tokenizer (encode, decode) in batches of 64; captions condition a text-conditioned one."""
+    from tokenline.generator.generate import encode_prompts
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), 64):
+            text = None
+            if tokenizer.config.text_dim:
+                batch, _ = encode_prompts(captions[start : start + 64], encoder, tokenizer.config.text_tokens)
+                text = (batch.states, batch.mask)
+            out.append(tokenizer(images[start : start + 64], text)[0])
+    return torch.cat(out)
+
+
 def training_summary(root: Path, dataset: str, output: str) -> dict:
     """A training stage's training.json (steps, samples_per_s, wall_time_s, ...)."""
     return json.loads((output_path(root, dataset, output) / "training.json").read_text())
@@ -233,6 +250,9 @@ def measure(root: Path, params: Params, dataset: str, samples: int, steps_list: 
     group = min(p.probe_group, len(reference))
     probe_model = load_probe(output_path(root, dataset, "probe"))
     real_scores = probe_scores(probe_model, real, pooled, group=group)
+    # The same real images through the tokenizer (encode, decode): what any generator over
+    # these tokens could reach at best.
+    recon_scores = probe_scores(probe_model, reconstruct(tokenizer, real, prompts, encoder), pooled, group=group)
     probes = []
     for g in dict.fromkeys([base.guidance, *scales, *probe_guidance]):
         generated = probe_scores(probe_model, run(replace(base, guidance=g))["images"], pooled, group=group)
@@ -245,6 +265,7 @@ def measure(root: Path, params: Params, dataset: str, samples: int, steps_list: 
         "generator_config": {k: getattr(generator.config, k) for k in ("objective", "width", "depth", "num_tokens", "token_dim")},
         "euler": strip(euler), "samplers": strip(table), "probe": probes,
         "probe_real": {"probe_score": real_scores["probe_score"], "probe_r1": real_scores["probe_r1"]},
+        "probe_reconstructed": {"probe_score": recon_scores["probe_score"], "probe_r1": recon_scores["probe_r1"]},
         "protocol": {"samples": len(reference), "reference": "val split first, then train; prompts are their captions",
                      "base": base.describe(), "probe_group": group, "fid": metrics.protocol(),
                      "threads": torch.get_num_threads(),
@@ -256,7 +277,7 @@ def main() -> None:
     """Train up to generator and probe through the pipeline, measure, print the tables and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, WORK / "generation_sweeps", "openmoji")
-    parser.add_argument("--samples", type=int, default=None, help="generated = reference images (default gen_eval.samples)")
+    parser.add_argument("--samples", type=int, default=300, help="generated = reference images (default 300)")
     parser.add_argument("--steps", default="1,2,4,8,25", help="Euler step counts")
     parser.add_argument("--guidance", type=float, default=None,
                         help="the guided scale (default 3.0, or generator.sample.guidance when that is > 1)")
@@ -275,7 +296,7 @@ def main() -> None:
 
     guidance = args.guidance or (params.generator.sample.guidance if params.generator.sample.guidance > 1 else 3.0)
     started = time.perf_counter()
-    figures = measure(args.root, params, args.dataset, args.samples or params.gen_eval.samples,
+    figures = measure(args.root, params, args.dataset, args.samples,
                       [int(s) for s in args.steps.split(",")], guidance, args.samplers.split(","),
                       [float(g) for g in args.probe_guidance.split(",") if g])
     figures |= {"measure_wall_s": time.perf_counter() - started, "pipeline": pipeline, "seeded": copied,
@@ -305,7 +326,10 @@ def main() -> None:
     real = figures["probe_real"]
     print(f"\nProbe alignment at {base_text(proto['base'])} (goal: generated R@1 >= 1/2 of real = "
           f"{0.5 * real['probe_r1']:.3f})\n")
-    rows = [["real images", "-", fmt(real["probe_score"], ".3f"), fmt(real["probe_r1"], ".3f"), "-"]]
+    recon = figures["probe_reconstructed"]
+    rows = [["real images", "-", fmt(real["probe_score"], ".3f"), fmt(real["probe_r1"], ".3f"), "-"],
+            ["real images through the tokenizer (ceiling)", "-", fmt(recon["probe_score"], ".3f"),
+             fmt(recon["probe_r1"], ".3f"), "met" if recon["probe_r1"] >= 0.5 * real["probe_r1"] else "not met"]]
     rows += [[f"generated ({p['sampler']}, {p['steps']} steps)", f"{p['guidance']:g}", fmt(p["probe_score"], ".3f"),
               fmt(p["probe_r1"], ".3f"), "met" if p["goal_met"] else "not met"] for p in figures["probe"]]
     print(markdown_table(["images", "guidance", "probe score", "probe R@1", "goal R@1 >= 1/2 real"], rows))

@@ -10,7 +10,7 @@ with the profile's width, depth, steps, batch and lr):
           f8, 64 tokens).
 
 Each runs `recon_eval` and `generator`; then both are measured here on the same reference set
-(gen_eval's: the first `gen_eval.samples` real images, val first, their captions as prompts):
+(gen_eval's: the first `--samples` (300) real images, val first, their captions as prompts):
 tokens per image, rFID/PSNR of the tokenizer, generator training s/step (from the pipeline
 run, and re-timed here with the two models alternating so both see the same machine load),
 ms/image at the profile's sampling steps (median of `--repeats`, alternating), NFE, FID and KID.
@@ -173,7 +173,7 @@ def main() -> None:
     """Train both lineages through the pipeline, measure both, print the side-by-side table and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, WORK / "grid_vs_1d", "openmoji")
-    parser.add_argument("--samples", type=int, default=None, help="generated = reference images (default gen_eval.samples)")
+    parser.add_argument("--samples", type=int, default=300, help="generated = reference images (default 300)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating timing runs (median reported)")
     parser.add_argument("--timed-steps", type=int, default=10, help="training steps per timing run")
     args = parser.parse_args()
@@ -194,7 +194,7 @@ def main() -> None:
               f"in {pipeline[name]['wall_s']:.0f} s", flush=True)
 
     started = time.perf_counter()
-    figures = measure(roots, params, args.dataset, args.samples or params["1d"].gen_eval.samples,
+    figures = measure(roots, params, args.dataset, args.samples,
                       args.repeats, args.timed_steps)
     figures |= {"measure_wall_s": time.perf_counter() - started, "pipeline": pipeline, "profile": args.profile,
                 "dataset": args.dataset, "overrides": lineages}

@@ -47,6 +47,7 @@ from generation_sweeps import (  # noqa: E402  (the shared benchmark helpers)
     load_pair,
     markdown_table,
     prepare_root,
+    reconstruct,
     run_stages,
     seed_sources,
     setup_threads,
@@ -90,21 +91,6 @@ def val_samples(root: Path, dataset: str) -> list[dict]:
     from tokenline.eval.stages import reference_samples_split
 
     return reference_samples_split(SimpleNamespace(inputs=stage_inputs(root, dataset, "shards", "captions")), "val")
-
-
-def reconstruct(tokenizer, images: torch.Tensor, captions: list[str], encoder) -> torch.Tensor:
-    """Images through the tokenizer (encode, decode) in batches of 64; captions condition a text-conditioned one."""
-    from tokenline.generator.generate import encode_prompts
-
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(images), 64):
-            text = None
-            if tokenizer.config.text_dim:
-                batch, _ = encode_prompts(captions[start : start + 64], encoder, tokenizer.config.text_tokens)
-                text = (batch.states, batch.mask)
-            out.append(tokenizer(images[start : start + 64], text)[0])
-    return torch.cat(out)
 
 
 def blank_share(images: torch.Tensor) -> float:
