@@ -278,6 +278,32 @@ def test_by_count_groups_add_up(report64):
         assert 0.0 <= groups["1"][key] <= 1.0
 
 
+def test_by_object_and_by_relation_add_up(report64):
+    report = report64
+    by_object, by_relation = report["by_object"], report["by_relation"]
+    assert set(by_object) <= {f"{size} {kind}" for size in ("small", "large") for kind in KINDS}
+    assert sum(group["objects"] for group in by_object.values()) == report["objects"]
+    assert sum(group["relations"] for group in by_relation.values()) == report["relations"]
+    assert set(by_relation) == set(FLIPPED)
+    # Clean renders: every object and relation reads right.
+    assert all(group["shapes_shape_acc"] == 1.0 for group in by_object.values())
+    assert all(group["shapes_position_acc"] == 1.0 for group in by_relation.values())
+
+
+def test_by_object_and_by_relation_name_what_fails(set64):
+    records, images = set64
+    # Stars captioned as circles and every relation flipped: only those groups drop to 0.
+    captions = [_flipped_caption(r).replace(" star", " circle") if r.metadata["relations"]
+                else r.caption.replace(" star", " circle") for r in records]
+    report = score_images(images, captions)
+    for name, group in report["by_object"].items():
+        if name.endswith("circle"):  # real circles and the renamed stars
+            assert 0.0 < group["shapes_shape_acc"] < 1.0, name
+        else:
+            assert group["shapes_shape_acc"] == 1.0, name
+    assert all(group["shapes_position_acc"] == 0.0 for group in report["by_relation"].values())
+
+
 def test_score_images_rejects_bad_input(set64):
     records, images = set64
     captions = [record.caption for record in records[:3]]

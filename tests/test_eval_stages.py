@@ -53,6 +53,8 @@ def test_gen_eval_report_carries_every_number_and_its_protocol(evaluated):
     assert [(row["guidance"], row["nfe"]) for row in report["sweeps"]["guidance"]] == [(1.0, 4), (2.0, 8)]
     assert report["sweeps"]["samplers"] == []
     assert sum(group["images"] for group in report["shapes_by_count"].values()) == 12
+    objects = sum(group["objects"] for group in report["shapes_by_count"].values())
+    assert sum(group["objects"] for group in report["shapes_by_object"].values()) == objects
     assert report["generator_hash"] == read_manifest(output_path(evaluated, "shapes", "generator"))["content_hash"]
 
 

@@ -407,7 +407,7 @@ def _accuracies(verdicts: list[dict]) -> dict:
 
 
 def score_images(images, captions) -> dict:
-    """Accuracies over paired images and captions, overall and by the caption's object count."""
+    """Accuracies over paired images and captions: overall, by the caption's object count, by object and by relation."""
     images, captions = list(images), list(captions)
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
@@ -421,4 +421,25 @@ def score_images(images, captions) -> dict:
         groups[verdict["count"]].append(verdict)
     report = _accuracies(verdicts)
     report["by_count"] = {str(count): _accuracies(groups[count]) for count in sorted(groups)}
-    return report
+    return report | _breakdown(verdicts, scenes)
+
+
+def _breakdown(verdicts: list[dict], scenes: list[ExpectedScene]) -> dict:
+    """Shape accuracy per named "size kind" and position accuracy per relation, each with its count.
+
+    These say where a generator (or a tokenizer's reconstructions) fails: a small star that reads
+    as a blob, or a relation learned backwards, hide inside the overall accuracies.
+    """
+    shapes: dict[str, list[bool]] = defaultdict(list)
+    positions: dict[str, list[bool]] = defaultdict(list)
+    for verdict, scene in zip(verdicts, scenes):
+        for expected, ok in zip(scene.objects, verdict["shapes"]):
+            shapes[f"{expected.size} {expected.kind}"].append(ok)
+        for (_, relation, _), ok in zip(scene.relations, verdict["positions"]):
+            positions[relation].append(ok)
+    return {
+        "by_object": {name: {"objects": len(oks), "shapes_shape_acc": sum(oks) / len(oks)}
+                      for name, oks in sorted(shapes.items())},
+        "by_relation": {name: {"relations": len(oks), "shapes_position_acc": sum(oks) / len(oks)}
+                        for name, oks in sorted(positions.items())},
+    }

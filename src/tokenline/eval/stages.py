@@ -150,7 +150,7 @@ def gen_eval(ctx: StageContext) -> StageResult:
 
         shapes = score_images([tensor_to_image(image) for image in images], prompts)
         report |= {key: shapes[key] for key in ("shapes_color_acc", "shapes_shape_acc", "shapes_count_acc", "shapes_position_acc")}
-        report["shapes_by_count"] = shapes["by_count"]
+        report |= {f"shapes_{group}": shapes[group] for group in ("by_count", "by_object", "by_relation")}
 
     # A sweep point that repeats the base setting (or another point) reuses its measurement.
     measured: dict[str, dict] = {json.dumps(base.describe()): {"fid": report["fid"], "ms_per_image": report["ms_per_image"], "nfe": report["nfe"]}}
