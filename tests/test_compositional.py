@@ -292,7 +292,8 @@ def test_by_object_and_by_relation_add_up(report64):
 
 def test_by_object_and_by_relation_name_what_fails(set64):
     records, images = set64
-    # Stars captioned as circles and every relation flipped: only those groups drop to 0.
+    # Stars captioned as circles and every relation flipped: only the circle groups (now holding
+    # the stars) fall below 1, and every relation falls to 0.
     captions = [_flipped_caption(r).replace(" star", " circle") if r.metadata["relations"]
                 else r.caption.replace(" star", " circle") for r in records]
     report = score_images(images, captions)
