@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from tokenline.data.shapes import COLORS, KINDS, Shape, ShapesSource, caption_for
+from tokenline.data.shapes import COLORS, KINDS, SIZES, Shape, ShapesSource, caption_for
 from tokenline.eval.compositional import (
     DetectedObject,
     ExpectedObject,
@@ -281,7 +281,7 @@ def test_by_count_groups_add_up(report64):
 def test_by_object_and_by_relation_add_up(report64):
     report = report64
     by_object, by_relation = report["by_object"], report["by_relation"]
-    assert set(by_object) <= {f"{size} {kind}" for size in ("small", "large") for kind in KINDS}
+    assert set(by_object) <= {f"{size} {kind}" for size in SIZES for kind in KINDS}
     assert sum(group["objects"] for group in by_object.values()) == report["objects"]
     assert sum(group["relations"] for group in by_relation.values()) == report["relations"]
     assert set(by_relation) == set(FLIPPED)
