@@ -152,7 +152,7 @@ class GeneratorParams(Section):
     objective: Literal["auto", "flow", "masked"] = "auto"  # auto: masked for vq codes, flow otherwise
     size: Literal["T", "S", "B"] = "S"  # a named size of tokenline.generator.model (SIZE_DEFAULTS)
     text_mode: Literal["cross", "context"] = "cross"  # cross-attention, or caption tokens in context
-    model: dict[str, Any] = {}  # further GeneratorConfig fields (width, depth, heads, mlp_ratio)
+    model: dict[str, Any] = {}  # further GeneratorConfig fields (width, depth, heads, mlp_ratio, text_refiner)
     train: GeneratorTrainConfig = GeneratorTrainConfig()
     sample: SamplingParams = SamplingParams()
     preview_prompts: list[str] = []  # extra prompts for the stage's sample grid (besides val captions)
@@ -161,7 +161,7 @@ class GeneratorParams(Section):
     @classmethod
     def _only_architecture(cls, value: dict[str, Any]) -> dict[str, Any]:
         # Everything else comes from the token cache (K, D, codebook, text widths) or from above.
-        allowed = {"width", "depth", "heads", "mlp_ratio"}
+        allowed = {"width", "depth", "heads", "mlp_ratio", "text_refiner"}
         for key in value:
             if key not in allowed:
                 raise ValueError(f"generator.model.{key} is not settable; allowed: {', '.join(sorted(allowed))}")

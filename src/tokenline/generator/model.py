@@ -47,6 +47,7 @@ class GeneratorConfig:
     text_pooled_dim: int = 384      # width of the caption's pooled embedding
     text_tokens: int = 32           # caption token states read, at most
     text_mode: str = "cross"        # cross: cross-attention in every block | context: caption tokens join self-attention
+    text_refiner: int = 0           # trainable transformer layers over the caption tokens before the blocks read them
     binary: bool = False            # flow over ±1 latents (binary quantizer): samples are signed at the end
     latent_mean: list[float] = field(default_factory=list)  # flow: per-channel mean of the training latents
     latent_std: list[float] = field(default_factory=list)   # flow: per-channel std; latents are standardized with both
@@ -58,6 +59,8 @@ class GeneratorConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, not {self.objective!r}")
         if self.text_mode not in TEXT_MODES:
             raise ValueError(f"text_mode must be one of {TEXT_MODES}, not {self.text_mode!r}")
+        if self.text_refiner < 0:
+            raise ValueError(f"text_refiner is a layer count, not {self.text_refiner}")
         if self.width % self.heads:
             raise ValueError(f"heads {self.heads} does not divide width {self.width}")
         if self.objective == "masked" and self.codebook_size < 2:
@@ -184,6 +187,23 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Ten
     return F.pad(embedding, (0, dim % 2))
 
 
+class TextRefiner(nn.Module):
+    """Pre-norm transformer layers over the caption tokens (null token first), padding masked out."""
+
+    def __init__(self, c: GeneratorConfig):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(
+            c.width, c.heads, int(c.width * c.mlp_ratio), dropout=0.0,
+            activation="gelu", batch_first=True, norm_first=True,
+        )
+        self.layers = nn.TransformerEncoder(layer, c.text_refiner, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(c.width, eps=1e-6)
+
+    def forward(self, tokens: Tensor, keep: Tensor) -> Tensor:
+        """tokens [B, S, W] with keep [B, S] (True on real tokens) -> refined tokens [B, S, W]."""
+        return self.norm(self.layers(tokens, src_key_padding_mask=~keep))
+
+
 # -----------------------------------------------------------------------------
 # Backbone
 # -----------------------------------------------------------------------------
@@ -202,6 +222,11 @@ class Backbone(nn.Module):
         # attendable, so no attention row is ever fully masked (softmax over nothing is NaN).
         self.null_pooled = nn.Parameter(torch.zeros(c.width))
         self.null_token = nn.Parameter(torch.randn(1, c.width) * 0.02)
+        # Frozen caption states barely encode which noun a relation word binds to (the shapes
+        # swap test: placement follows the colours, not the word order). A few trainable layers
+        # over the caption let each word see its neighbours before the image tokens read it
+        # (as Lumina's context refiner or HunyuanVideo's token refiner).
+        self.refiner = TextRefiner(c) if c.text_refiner else None
         self.blocks = nn.ModuleList(GeneratorBlock(c) for _ in range(c.depth))
         self.apply(_init_linear)
         for block in self.blocks:  # _init_linear would undo the zero init of the modulations
@@ -228,7 +253,10 @@ class Backbone(nn.Module):
             mask = mask & ~drop[:, None]
         tokens = self.text_proj(states.to(self.pos.dtype)) + self.text_pos[: states.shape[1]]
         keep = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=device), mask], dim=1)
-        return pooled, torch.cat([null_tokens, tokens], dim=1), keep
+        tokens = torch.cat([null_tokens, tokens], dim=1)
+        if self.refiner is not None:
+            tokens = self.refiner(tokens, keep)
+        return pooled, tokens, keep
 
     def forward(self, x: Tensor, cond: Tensor, text: TextBatch | None, drop: Tensor | None) -> Tensor:
         """x [B, K, W] embedded tokens, cond [B, W] (time or zero) -> [B, K, W] features, and the final condition."""
