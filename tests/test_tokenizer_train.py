@@ -122,6 +122,32 @@ def test_resume_refuses_a_changed_config(shard_dir, tmp_path):
     assert train_tokenizer(tiny_model(), shard_dir, tmp_path, config(steps=8, lr=5e-4), resume=True)["steps"] == 8
 
 
+@pytest.mark.parametrize("quantizer", ["kl", "vq"])
+def test_decoder_fine_tuning_keeps_every_latent(shard_dir, tmp_path, quantizer):
+    """freeze_encoder on resume: the exported encoder side is unchanged, so a token cache stays valid."""
+    options = dict(quantizer=quantizer, **(RESTARTS if quantizer == "vq" else {}))
+    train_tokenizer(tiny_model(**options), shard_dir, tmp_path, config(steps=10))
+    before = Tokenizer1D.from_checkpoint(tmp_path / "checkpoint")
+    images = ShardImages(shard_dir).images[:8].float() / 127.5 - 1.0
+    with torch.no_grad():
+        latents = before.encode(images).latents
+
+    result = train_tokenizer(tiny_model(seed=5, **options), shard_dir, tmp_path,
+                             config(steps=20, freeze_encoder=True), resume=True, force=True)
+    assert result["steps"] == 20
+    after = Tokenizer1D.from_checkpoint(tmp_path / "checkpoint")
+    changed = set()
+    for (name, old), new in zip(before.state_dict().items(), after.state_dict().values()):
+        if not torch.equal(old, new):
+            changed.add(name.split(".")[0])
+    # Only the decoder side trained (codebook usage buffers included: the quantizer ran in eval mode).
+    assert changed and changed <= {"from_latent", "latent_pos", "decoder", "to_pixels", "mask_token", "mask_pos"}
+    assert {"decoder", "to_pixels"} <= changed
+    with torch.no_grad():
+        assert torch.equal(after.encode(images).latents, latents)
+        assert not torch.equal(after.decode(latents), before.decode(latents))
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_state(shard_dir, tmp_path):
     model = tiny_model()
     calls = {"n": 0}

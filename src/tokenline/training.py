@@ -71,10 +71,11 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int | None = None) -> None:
-        """shadow <- d * shadow + (1 - d) * parameters, d = decay_at(step) (plain `decay` without a step)."""
+        """shadow <- d * shadow + (1 - d) * parameters, d = decay_at(step) (plain `decay` without a step); frozen ones are skipped."""
         decay = self.decay if step is None else self.decay_at(step)
         for name, p in model.named_parameters():
-            self.shadow[name].lerp_(p.detach().float(), 1.0 - decay)
+            if p.requires_grad:  # a frozen parameter keeps its shadow bit for bit
+                self.shadow[name].lerp_(p.detach().float(), 1.0 - decay)
 
     def state_dict(self) -> dict[str, Tensor]:
         """The shadow tensors by parameter name."""

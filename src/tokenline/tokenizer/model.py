@@ -149,6 +149,15 @@ class Transformer(nn.Module):
 # Tokenizer
 # -----------------------------------------------------------------------------
 
+# Top-level attributes of Tokenizer1D that turn latents into pixels; every other one makes latents.
+DECODER_SIDE = ("from_latent", "latent_pos", "mask_token", "mask_pos", "decoder", "to_pixels")
+
+
+def on_decoder_side(name: str) -> bool:
+    """Whether a parameter or module name of Tokenizer1D belongs to the decoder (latents -> pixels)."""
+    return name.split(".")[0] in DECODER_SIDE
+
+
 class Tokenizer1D(nn.Module):
     """Image <-> K 1D tokens: ViT encoder, quantizer, ViT decoder (or K = grid**2 patch latents: layout "grid")."""
 

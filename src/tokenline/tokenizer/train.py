@@ -29,7 +29,7 @@ from tokenline.tokenizer.adversarial import (
     hinge_generator_loss,
     load_perceptual_loss,
 )
-from tokenline.tokenizer.model import Tokenizer1D
+from tokenline.tokenizer.model import Tokenizer1D, on_decoder_side
 from tokenline.tokenizer.train_config import LossConfig, TrainConfig
 from tokenline.training import (
     EMA_WEIGHTS,
@@ -140,6 +140,23 @@ def _write_state(folder: Path, model, ema, optimizer, scheduler, adversary, conf
     write_state_folder(folder, tensors, objects, documents)
 
 
+def freeze_encoder_side(model: Tokenizer1D, ema: EMA) -> None:
+    """Fix the encoder and quantizer at their exported (EMA) weights, in eval mode, so the latents stay as they are.
+
+    Eval mode matters beyond dropout: codebook quantizers update usage buffers while training,
+    and the kl quantizer samples its posterior; frozen, it hands the decoder its means, which
+    are the latents the token cache holds.
+    """
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if not on_decoder_side(name):
+                parameter.copy_(ema.shadow[name].to(parameter.dtype))
+                parameter.requires_grad_(False)
+    for name, module in model.named_children():
+        if not on_decoder_side(name):
+            module.eval()
+
+
 def _export(folder: Path, model: Tokenizer1D, ema: EMA) -> None:
     """Write the EMA weights as a tokenizer checkpoint folder, atomically."""
     exported = copy.deepcopy(model)
@@ -245,6 +262,9 @@ def train_tokenizer(
         if adversary is not None and (state_dir / DISC_WEIGHTS).is_file():
             adversary.discriminator.load_state_dict(safetensors.torch.load_file(state_dir / DISC_WEIGHTS))
             adversary.optimizer.load_state_dict(torch.load(state_dir / DISC_OPTIMIZER, weights_only=True))
+
+    if config.freeze_encoder:
+        freeze_encoder_side(model, ema)
 
     data = ShardImages(shard_dir, seed=config.seed, start=begun.samples_seen,
                        rank=accelerator.process_index, world_size=accelerator.num_processes)

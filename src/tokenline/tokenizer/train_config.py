@@ -75,6 +75,10 @@ class TrainConfig:
     seed: int = 0                 # seeds torch, numpy, random and the data order
     mixed_precision: str = "no"   # "no" | "bf16" | "fp16"; CPU uses "no"
     log_every: int = 10           # steps between log_fn calls (MLflow metrics)
+    # Train the decoder only (TiTok's decoder fine-tuning): the encoder and quantizer keep the
+    # exported weights they start from and run in eval mode, so every latent, the token cache
+    # and any generator trained on it stay valid. Meant for `--resume` of a trained tokenizer.
+    freeze_encoder: bool = False
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self):
