@@ -17,6 +17,11 @@ and those of the val images passed through the tokenizer (encode, decode) the to
 size x kind and per relation follow, with the tokenizer's ceiling on the single-object prompt set
 (its per-object accuracies weighted as the prompts weigh them).
 
+`--decoder DIR` decodes with another tokenizer checkpoint: one whose decoder was fine-tuned
+with `tokenizer.train.freeze_encoder` from this lineage's tokenizer. The benchmark refuses it
+unless it encodes the val images to exactly the lineage tokenizer's latents, so the generator
+(trained on those latents) is measured with only the decoder changed.
+
 Stage outputs are reused while fresh. `--seed-from` copies missing data-stage outputs (raw to
 captions) from another project root (default: the repo), and with `--seed-models` the tokenizer,
 token cache and generator too: the runner retrains any copy whose params or inputs differ, but
@@ -24,7 +29,7 @@ it cannot see code changes, so leave `--seed-models` off to measure a changed tr
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/shapes_accuracy.py [--root DIR]
        [--profile cpu] [--dataset shapes] [--per-prompt 2] [--pairs 200] [--steps N]
-       [--guidance G] [--threads 1] [--set key=value ...] [--seed-from DIR ...] [--seed-models]
+       [--guidance G] [--decoder DIR] [--threads 1] [--set key=value ...] [--seed-from DIR ...] [--seed-models]
        [--no-seed]
 """
 
@@ -106,8 +111,26 @@ def accuracies(report: dict, count: str) -> dict:
     return report["by_count"].get(count, {})
 
 
+def same_latent_decoder(root: Path, dataset: str, tokenizer, decoder_dir: Path, images: torch.Tensor):
+    """The tokenizer at `decoder_dir`, after checking that it encodes `images` exactly as `tokenizer` does."""
+    from tokenline.generator.checkpoint import check_pairing
+    from tokenline.tokenizer.model import Tokenizer1D
+
+    check_pairing(output_path(root, dataset, "generator"), decoder_dir, read_manifest(decoder_dir)["content_hash"])
+    decoder = Tokenizer1D.from_checkpoint(decoder_dir)
+    if tokenizer.config.text_dim or decoder.config.text_dim:
+        raise SystemExit("--decoder supports tokenizers without text conditioning only")
+    with torch.no_grad():
+        same = torch.equal(tokenizer.encode(images).latents, decoder.encode(images).latents)
+    if not same:
+        raise SystemExit(f"--decoder {decoder_dir} encodes the val images to other latents than "
+                         f"{output_path(root, dataset, 'tokenizer')}: its encoder was trained too, so the "
+                         "generator does not model its latents (fine-tune with tokenizer.train.freeze_encoder)")
+    return decoder
+
+
 def measure(root: Path, params, dataset: str, per_prompt: int, pairs: int, steps: int | None,
-            guidance: float | None) -> dict:
+            guidance: float | None, decoder_dir: Path | None = None) -> dict:
     """Generate for both prompt sets and score them, with the real and reconstructed val images as ceilings."""
     from tokenline.eval.compositional import score_images
     from tokenline.generator.generate import SamplingOptions
@@ -115,6 +138,10 @@ def measure(root: Path, params, dataset: str, per_prompt: int, pairs: int, steps
     from tokenline.tokenizer.pixels import samples_to_batch, tensor_to_image
 
     generator, tokenizer = load_pair(root, dataset)
+    val = val_samples(root, dataset)
+    real_images = samples_to_batch(val, tokenizer.config.image_size)
+    if decoder_dir is not None:
+        tokenizer = same_latent_decoder(root, dataset, tokenizer, decoder_dir, real_images)
     encoder = cached_text_encoder(root, params)
     options = SamplingOptions(**params.generator.sample.model_dump())
     options = replace(options, steps=steps or options.steps,
@@ -127,9 +154,7 @@ def measure(root: Path, params, dataset: str, per_prompt: int, pairs: int, steps
         generated[name] = {**score_images([tensor_to_image(i) for i in images], prompts), "ms_per_image": ms, "nfe": nfe}
         blank[f"generated_{name}"] = blank_share(images)
         print(f"{name}: {len(prompts)} images, {ms:.1f} ms/image", flush=True)
-    val = val_samples(root, dataset)
     captions = [s["caption"] for s in val]
-    real_images = samples_to_batch(val, tokenizer.config.image_size)
     real = score_images([s["image"] for s in val], captions)
     recon_images = reconstruct(tokenizer, real_images, captions, encoder)
     recon = score_images([tensor_to_image(i) for i in recon_images], captions)
@@ -139,6 +164,7 @@ def measure(root: Path, params, dataset: str, per_prompt: int, pairs: int, steps
         "prompts": {name: {"count": len(p), "examples": p[:: max(1, len(p) // 4)][:4]} for name, p in sets.items()},
         "protocol": {"sampling": options.describe(), "objective": generator.config.objective,
                      "per_prompt": per_prompt, "pairs": pairs, "val_images": len(val),
+                     "decoder": None if decoder_dir is None else str(decoder_dir),
                      "threads": torch.get_num_threads()},
     }
 
@@ -177,6 +203,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=200, help="two-object prompts")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps / rounds (default generator.sample.steps)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default generator.sample.guidance)")
+    parser.add_argument("--decoder", type=Path, default=None,
+                        help="decode with this tokenizer checkpoint (a freeze_encoder fine-tune of the lineage's)")
     parser.add_argument("--seed-models", action="store_true",
                         help="also copy tokenizer, token cache and generator from --seed-from (not only the data stages)")
     args = parser.parse_args()
@@ -190,7 +218,8 @@ def main() -> None:
           f"in {pipeline['wall_s']:.0f} s", flush=True)
 
     started = time.perf_counter()
-    figures = measure(args.root, params, args.dataset, args.per_prompt, args.pairs, args.steps, args.guidance)
+    figures = measure(args.root, params, args.dataset, args.per_prompt, args.pairs, args.steps, args.guidance,
+                      args.decoder)
     figures["single_prompt_ceiling"] = prompt_weighted_ceiling(figures["generated"]["single"], figures["reconstructed_val"])
     figures |= {"measure_wall_s": time.perf_counter() - started, "pipeline": pipeline, "seeded": copied,
                 "profile": args.profile, "dataset": args.dataset, "overrides": args.overrides,
@@ -205,7 +234,8 @@ def main() -> None:
           f"{proto['objective']} generator, {figures['generator_training']['steps']} steps; sampling "
           f"{s['sampler'] if proto['objective'] == 'flow' else 'masked'} {s['steps']} steps, guidance {s['guidance']:g}; "
           f"{len(single_object_prompts(1))} single-object prompts x {args.per_prompt}, {args.pairs} two-object "
-          f"prompts; ceilings on {proto['val_images']} val images; {proto['threads']} thread(s). "
+          f"prompts; ceilings on {proto['val_images']} val images; {proto['threads']} thread(s)"
+          f"{'; decoder ' + proto['decoder'] + ' (same latents)' if proto['decoder'] else ''}. "
           f"Figures: {args.root / 'shapes_accuracy.json'}\n")
     g, real, recon = figures["generated"], figures["real_val"], figures["reconstructed_val"]
     rows = []

@@ -36,6 +36,8 @@ def test_set_overrides_are_typed(project):
         ("tokenizer.model.image_size=32", "data.resolution"),
         ("tokenizer.model.heads=5", "tokenizer"),
         ("recon_eval.min_code_usage=2", "recon_eval.min_code_usage"),
+        ("generator.model.num_tokens=8", "generator.model.num_tokens"),
+        ("generator.model.text_refiner=-1", "text_refiner"),
     ],
 )
 def test_bad_values_fail_naming_the_key(project, override, named):
@@ -93,3 +95,15 @@ def test_tokenizer_config_follows_size_and_params(project):
     assert config.text_dim == 0  # text_conditioning is off, whatever the encoder's width
     conditioned = load_params(project / "params.yaml", profile="tiny", overrides=["tokenizer.text_conditioning=true"])
     assert tokenizer_config(conditioned, text_dim=384).text_dim == 384
+
+
+def test_a_quiet_default_leaves_the_stage_slice_as_it_was(project):
+    # Params added later (tokenizer.train.freeze_encoder) must not make trained lineages stale at
+    # their default, yet must make them stale when set.
+    plain = load_params(project / "params.yaml", profile="tiny")
+    default = load_params(project / "params.yaml", profile="tiny", overrides=["tokenizer.train.freeze_encoder=false"])
+    frozen = load_params(project / "params.yaml", profile="tiny", overrides=["tokenizer.train.freeze_encoder=true"])
+    assert "freeze_encoder" not in plain.section("tokenizer")["train"]
+    assert plain.slice_hash(["tokenizer"], "shapes") == default.slice_hash(["tokenizer"], "shapes")
+    assert frozen.section("tokenizer")["train"]["freeze_encoder"] is True
+    assert frozen.slice_hash(["tokenizer"], "shapes") != plain.slice_hash(["tokenizer"], "shapes")

@@ -54,9 +54,9 @@ def test_adaln_zero_starts_as_zero_velocity():
     assert torch.count_nonzero(flow(torch.randn(3, 4, 2), torch.rand(3), captions(3))) == 0
 
 
-@pytest.mark.parametrize("text_mode", ["cross", "context"])
-def test_dropped_caption_is_the_null_caption(text_mode):
-    flow = randomized(FlowTransformer(config(text_mode=text_mode)))
+@pytest.mark.parametrize(("text_mode", "text_refiner"), [("cross", 0), ("context", 0), ("cross", 2), ("context", 1)])
+def test_dropped_caption_is_the_null_caption(text_mode, text_refiner):
+    flow = randomized(FlowTransformer(config(text_mode=text_mode, text_refiner=text_refiner)))
     x, t, text = torch.randn(4, 4, 2), torch.rand(4), captions(4)
     unconditional = flow(x, t, None)
     dropped = flow(x, t, text, drop=torch.ones(4, dtype=torch.bool))
@@ -69,8 +69,10 @@ def test_dropped_caption_is_the_null_caption(text_mode):
     torch.testing.assert_close(partly[0::2], unconditional[0::2], atol=1e-5, rtol=1e-5)
 
 
-def test_padded_caption_positions_do_not_matter():
-    flow = randomized(FlowTransformer(config()))
+@pytest.mark.parametrize("text_refiner", [0, 2])
+def test_padded_caption_positions_do_not_matter(text_refiner):
+    # With the refiner the padding must also be masked inside its self-attention.
+    flow = randomized(FlowTransformer(config(text_refiner=text_refiner)))
     x, t, text = torch.randn(2, 4, 2), torch.rand(2), captions(2)
     scribbled = TextBatch(text.states.clone(), text.mask, text.pooled)
     scribbled.states[:, 2] = 100.0  # the padded position
@@ -160,7 +162,7 @@ def test_binary_flow_samples_are_bits():
 
 
 def test_checkpoint_round_trip_and_truncation(tmp_path):
-    model = randomized(FlowTransformer(config(latent_mean=[0.5, -0.5], latent_std=[2.0, 3.0])))
+    model = randomized(FlowTransformer(config(latent_mean=[0.5, -0.5], latent_std=[2.0, 3.0], text_refiner=1)))
     save_generator(model, tmp_path / "g")
     loaded = load_generator(tmp_path / "g")
     x, t, text = torch.randn(2, 4, 2), torch.rand(2), captions(2)
@@ -191,6 +193,8 @@ def test_config_rejects_bad_values_by_name():
         GeneratorConfig(objective="masked")
     with pytest.raises(ValueError, match="latent_std"):
         GeneratorConfig(token_dim=2, latent_std=[1.0])
+    with pytest.raises(ValueError, match="text_refiner"):
+        GeneratorConfig(text_refiner=-1)
     with pytest.raises(ValueError, match="unknown generator config fields"):
         GeneratorConfig.from_dict({"colour": 1})
     assert json.loads(json.dumps(config().to_dict())) == config().to_dict()

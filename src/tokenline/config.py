@@ -268,8 +268,16 @@ class Params(Section):
         return self.datasets[name]
 
     def section(self, key: str) -> Any:
-        """The plain-data value of a top-level params key, as stored in manifests."""
+        """The plain-data value of a top-level params key, as stored in manifests (QUIET_DEFAULTS left out)."""
         dumped = self.model_dump(mode="json", by_alias=True)
+        for path, default in QUIET_DEFAULTS.items():
+            if path[0] != key:
+                continue
+            parent = dumped
+            for name in path[:-1]:
+                parent = parent[name]
+            if parent.get(path[-1]) == default:
+                del parent[path[-1]]
         return dumped[key]
 
     def slice_hash(self, keys: list[str], dataset: str | None) -> str:
@@ -281,6 +289,14 @@ class Params(Section):
             sliced["dataset"] = self.datasets[dataset].model_dump(mode="json")
         blob = json.dumps(sliced, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Params added after lineages were trained with them at this value: left out of the stage slices
+# (and so of staleness hashes) while at it, so adding them leaves every existing output fresh,
+# as TokenizerConfig.to_dict leaves out layout "1d".
+QUIET_DEFAULTS: dict[tuple[str, ...], Any] = {
+    ("tokenizer", "train", "freeze_encoder"): False,
+}
 
 
 def _unknown_dataset(name: str, known: dict) -> str:

@@ -240,6 +240,9 @@ class Backbone(nn.Module):
         null_tokens = self.null_token.expand(batch, -1, -1)
         if text is None:
             keep = torch.ones(batch, 1, dtype=torch.bool, device=device)
+            # Refined alone, the null token is what a dropped caption's keeps: both read the same.
+            if self.refiner is not None:
+                null_tokens = self.refiner(null_tokens, keep)
             return self.null_pooled.expand(batch, -1), null_tokens, keep
         if text.states.shape[-1] != c.text_dim or text.pooled.shape[-1] != c.text_pooled_dim:
             raise ValueError(
