@@ -173,7 +173,8 @@ def prompt_weighted_ceiling(generated_single: dict, recon: dict) -> float:
     """The tokenizer's shape accuracy per "size kind" averaged with the single-object prompts' weights.
 
     The prompt set weighs every size x kind equally, the val images do not, so this (not the val
-    figure) is the most the generated single-object accuracy can reach through this tokenizer.
+    figure) estimates what the generated single-object accuracy can reach through this tokenizer
+    (an estimate, not a bound: generated latents need not look like encoded ones).
     """
     weights = {name: group["objects"] for name, group in generated_single["by_object"].items()}
     ceiling = {name: group["shapes_shape_acc"] for name, group in recon["by_object"].items()}
