@@ -222,10 +222,10 @@ class Backbone(nn.Module):
         # attendable, so no attention row is ever fully masked (softmax over nothing is NaN).
         self.null_pooled = nn.Parameter(torch.zeros(c.width))
         self.null_token = nn.Parameter(torch.randn(1, c.width) * 0.02)
-        # Frozen caption states barely encode which noun a relation word binds to (the shapes
-        # swap test: placement follows the colours, not the word order). A few trainable layers
-        # over the caption let each word see its neighbours before the image tokens read it
-        # (as Lumina's context refiner or HunyuanVideo's token refiner).
+        # Optional trainable layers over the caption, so each word sees its neighbours before the
+        # image tokens read it (as Lumina's context refiner or HunyuanVideo's token refiner). Tried
+        # for the shapes relations, which frozen states might not bind to nouns: 6,000 steps with
+        # two layers left position at chance (README, shapes), so it stays off by default.
         self.refiner = TextRefiner(c) if c.text_refiner else None
         self.blocks = nn.ModuleList(GeneratorBlock(c) for _ in range(c.depth))
         self.apply(_init_linear)
