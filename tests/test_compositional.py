@@ -18,6 +18,7 @@ from tokenline.eval.compositional import (
     detect_objects,
     parse_caption,
     score_images,
+    swapped_caption,
 )
 
 RECORDS = 200
@@ -91,6 +92,27 @@ def test_parse_caption_round_trips_generated_captions(set64):
         relations = [{"subject": s, "relation": r, "object": o} for s, r, o in scene.relations]
         assert caption_for(shapes, relations) == record.caption
     assert counts == {1, 2, 3}
+
+
+def test_swapped_caption_exchanges_the_first_two_objects(set64):
+    assert (swapped_caption("a large red circle above a small blue square")
+            == "a small blue square above a large red circle")
+    records, _ = set64
+    swapped = 0
+    for record in records:
+        swap = swapped_caption(record.caption)
+        if record.metadata["count"] == 1:
+            assert swap is None
+            continue
+        swapped += 1
+        scene, other = parse_caption(record.caption), parse_caption(swap)
+        # Same words, other layout: the first two objects trade places in every relation.
+        if record.metadata["count"] == 2:
+            assert sorted(swap.split()) == sorted(record.caption.split())
+        assert other.objects[:2] == scene.objects[1::-1] and other.relations == scene.relations
+        assert swapped_caption(swap) == record.caption
+    assert swapped > 0
+    assert swapped_caption("a photo of a dog") is None and swapped_caption("a large red circle") is None
 
 
 @pytest.mark.parametrize(

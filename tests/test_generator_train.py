@@ -104,6 +104,18 @@ def test_changed_config_is_refused_unless_forced(built, tmp_path):
     assert scheduler["base_lrs"] == [1e-2] and optimizer["param_groups"][0]["lr"] == pytest.approx(1e-3)
 
 
+def test_a_state_saved_before_a_train_field_existed_resumes_at_its_default(built, tmp_path):
+    cache = TokenCache(output_path(built, "shapes", "tokens"))
+    train_generator(flow_model(cache), cache, tmp_path, train_config(steps=4))
+    saved_path = tmp_path / "state" / "train_config.json"
+    saved = json.loads(saved_path.read_text())
+    del saved["replace_prob"]  # as if the state folder predates the field
+    saved_path.write_text(json.dumps(saved))
+    with pytest.raises(ResumeRefusedError, match=r"train\.replace_prob"):
+        train_generator(flow_model(cache), cache, tmp_path, train_config(replace_prob=0.5), resume=True)
+    assert train_generator(flow_model(cache), cache, tmp_path, train_config(), resume=True)["steps"] == 8
+
+
 def test_nan_loss_stops_with_the_last_good_state(built, tmp_path):
     cache = TokenCache(output_path(built, "shapes", "tokens"))
     model = flow_model(cache)

@@ -8,6 +8,7 @@ lives here once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -148,11 +149,16 @@ def config_differences(saved: Mapping[str, Mapping], current: Mapping[str, Mappi
     return differing
 
 
-def saved_config_differences(state_dir: str | Path, model_config: dict, train_config: dict) -> list[str]:
-    """Keys ("model.width", "train.lr") whose value in a state folder differs; `steps` may change."""
+def saved_config_differences(state_dir: str | Path, model_config: dict, train_config: dict,
+                             train_defaults: Mapping[str, Any] | None = None) -> list[str]:
+    """Keys ("model.width", "train.lr") whose value in a state folder differs; `steps` may change.
+
+    A train key the saved config lacks counts as its `train_defaults` value: a field added
+    after the state was saved, which that run trained without, i.e. at its default.
+    """
     state_dir = Path(state_dir)
     saved = {"model": json.loads((state_dir / MODEL_CONFIG).read_text()),
-             "train": json.loads((state_dir / TRAIN_CONFIG).read_text())}
+             "train": {**(train_defaults or {}), **json.loads((state_dir / TRAIN_CONFIG).read_text())}}
     # Extending a run is what resuming is for.
     return config_differences(saved, {"model": model_config, "train": train_config}, {"train": {"steps"}})
 
@@ -198,7 +204,8 @@ def start_run(model: nn.Module, state_dir: Path, train_config, resume: bool, for
         return RunProgress()
     if not (state_dir / TRAIN_CONFIG).is_file():
         raise FileNotFoundError(f"{state_dir}: no complete training state to resume from")
-    differing = saved_config_differences(state_dir, model.config.to_dict(), train_config.to_dict())
+    defaults = {f.name: f.default for f in dataclasses.fields(train_config) if f.default is not dataclasses.MISSING}
+    differing = saved_config_differences(state_dir, model.config.to_dict(), train_config.to_dict(), defaults)
     if differing and not force:
         raise ResumeRefusedError(
             f"{state_dir} was trained with a different config ({', '.join(differing)}); "

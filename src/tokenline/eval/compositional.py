@@ -69,7 +69,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tokenline.data.shapes import COLORS, KINDS, RELATION_WORDS, SIZES, Shape, draw_shape
+from tokenline.data.shapes import COLORS, KINDS, RELATION_WORDS, SIZES, Shape, caption_for, draw_shape
 
 __all__ = [
     "DetectedObject",
@@ -169,6 +169,24 @@ def parse_caption(caption: str) -> ExpectedScene:
     if len(set(colors)) != len(colors):
         raise ValueError(f"caption repeats a colour, so its objects cannot be told apart: {caption!r}")
     return ExpectedScene(objects=tuple(objects), relations=tuple(relations))
+
+
+def swapped_caption(caption: str) -> str | None:
+    """The caption with its first two objects exchanged: the same words, the opposite layout.
+
+    "a large red circle above a small blue square" becomes "a small blue square above a large
+    red circle"; a three-object caption's second relation then refers to the first object. None
+    for a caption that states no relation, or one outside the shapes grammar.
+    """
+    try:
+        scene = parse_caption(caption)
+    except ValueError:
+        return None
+    if not scene.relations:
+        return None
+    first, second, *rest = (Shape(o.kind, o.color, o.size, (0, 0, 0, 0)) for o in scene.objects)
+    relations = [{"subject": s, "relation": r, "object": o} for s, r, o in scene.relations]
+    return caption_for([second, first, *rest], relations)
 
 
 # -----------------------------------------------------------------------------
