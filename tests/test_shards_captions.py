@@ -59,3 +59,17 @@ def test_template_captioner_composes_metadata(project):
 def test_template_with_unknown_field_names_it(project):
     with pytest.raises(ValueError, match="colour"):
         run_stage(project, "captions", "shapes", "captions.captioner=template", "captions.template={colour}")
+
+
+def test_twins_share_their_originals_split(project):
+    run_stage(project, "shards", "shapes", "datasets.shapes.source=shapes:twins", "shards.val_fraction=0.3")
+    samples = list(iter_shard_samples(project / "data/shapes/shards"))
+    split = {sample["key"]: sample["split"] for sample in samples}
+    twins = [sample for sample in samples if "twin_of" in sample["metadata"]]
+    assert twins and len(twins) < len(samples) / 2
+    for twin in twins:
+        assert twin["key"] == twin["metadata"]["twin_of"] + "_twin"
+        assert split[twin["key"]] == split[twin["metadata"]["twin_of"]]
+    assert {split[twin["key"]] for twin in twins} == {"train", "val"}
+    # The originals keep the split their key hash gives, as without twins.
+    assert all(split[s["key"]] == split_of(s["key"], 0.3) for s in samples if "twin_of" not in s["metadata"])

@@ -15,6 +15,7 @@ from PIL import Image, ImageChops
 from tokenline.data import openmoji
 from tokenline.data.openmoji import Emoji, OpenMojiSource, build_catalogue, render_glyph
 from tokenline.data.shapes import COLORS, KINDS, RELATION_WORDS, ShapesSource
+from tokenline.eval.compositional import check_image, swapped_caption
 
 FLAG_FRANCE = "1F1EB-1F1F7"
 FAMILY = "1F468-200D-1F469-200D-1F467-200D-1F466"
@@ -279,3 +280,45 @@ def test_shapes_work_at_extreme_resolutions(resolution):
 def test_shapes_describe():
     described = ShapesSource(32, size=10, seed=4).describe()
     assert described == {"name": "shapes", "size": 10, "seed": 4, "kinds": list(KINDS), "colors": list(COLORS)}
+
+
+def test_shapes_twins_swap_the_first_two_objects_and_keep_the_originals():
+    plain = [(r.key, r.image, r.caption) for r in ShapesSource(64, size=60, seed=2).records(None)]
+    records = list(ShapesSource(64, size=60, seed=2, twins=True).records(None))
+    originals = [r for r in records if "twin_of" not in r.metadata]
+    twins = {r.metadata["twin_of"]: r for r in records if "twin_of" in r.metadata}
+    # Twins are added, never in place of a scene: the originals are the plain source's records.
+    assert [(r.key, r.image, r.caption) for r in originals] == plain
+    multi = [r for r in originals if r.metadata["count"] >= 2]
+    assert 0.3 * len(multi) <= len(twins) < len(multi)
+    for key, twin in twins.items():
+        original = next(r for r in originals if r.key == key)
+        assert twin.key == f"{key}_twin"
+        assert records.index(twin) == records.index(original) + 1, "a twin follows its original"
+        check_scene(twin, 64)
+        assert twin.caption == swapped_caption(original.caption)
+        first, second, *rest = original.metadata["objects"]
+        swapped_first, swapped_second, *swapped_rest = twin.metadata["objects"]
+        assert (swapped_first["color"], swapped_second["color"]) == (second["color"], first["color"])
+        # Each moved shape sits on the other's centre, to the half pixel a different side length needs.
+        assert math.dist(swapped_first["center"], first["center"]) <= 0.75
+        assert math.dist(swapped_second["center"], second["center"]) <= 0.75
+        assert swapped_rest == rest
+        # The checker reads the twin under its own caption, and not under the original's.
+        twin_image = decode(twin)
+        assert all(check_image(twin_image, twin.caption)["positions"])
+        assert not check_image(twin_image, original.caption)["positions"][0]
+
+
+def test_shapes_twins_limit_counts_records():
+    source = ShapesSource(64, size=60, seed=2, twins=True)
+    assert [r.key for r in source.records(7)] == [r.key for r in source.records(None)][:7]
+    assert source.describe()["twins"] is True
+
+
+def test_shapes_source_argument_other_than_twins_is_refused():
+    from tokenline.config import DatasetSpec
+
+    assert DatasetSpec(source="shapes:twins").source == "shapes:twins"
+    with pytest.raises(ValueError, match="shapes:twins"):
+        DatasetSpec(source="shapes:twin")

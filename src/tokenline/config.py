@@ -46,6 +46,8 @@ class DatasetSpec(Section):
             raise ValueError(f"source {scheme!r} needs an argument: {scheme}:...")
         if scheme == "coco" and "," not in arg:
             raise ValueError("coco source is coco:ANNOTATIONS_JSON,IMAGE_DIR")
+        if scheme == "shapes" and arg not in ("", "twins"):
+            raise ValueError(f"shapes source is `shapes` or `shapes:twins`, not {value!r}")
         return value
 
 
@@ -105,6 +107,7 @@ class TokenizerParams(Section):
     text_encoder: Literal["minilm", "openclip"] = "minilm"
     text_encoder_path: str | None = None  # openclip: local weights file (never downloaded)
     text_tokens: int = Field(32, ge=1, le=256)  # caption tokens kept per caption
+    init: str | None = None  # a tokenizer stage output folder whose weights training starts from
     train: TrainConfig = TrainConfig()
 
     @field_validator("model")
@@ -153,6 +156,7 @@ class GeneratorParams(Section):
     size: Literal["T", "S", "B"] = "S"  # a named size of tokenline.generator.model (SIZE_DEFAULTS)
     text_mode: Literal["cross", "context"] = "cross"  # cross-attention, or caption tokens in context
     model: dict[str, Any] = {}  # further GeneratorConfig fields (width, depth, heads, mlp_ratio, text_refiner)
+    init: str | None = None  # a generator stage output folder whose weights (and latent statistics) training starts from
     train: GeneratorTrainConfig = GeneratorTrainConfig()
     sample: SamplingParams = SamplingParams()
     preview_prompts: list[str] = []  # extra prompts for the stage's sample grid (besides val captions)
@@ -296,6 +300,11 @@ class Params(Section):
 # as TokenizerConfig.to_dict leaves out layout "1d".
 QUIET_DEFAULTS: dict[tuple[str, ...], Any] = {
     ("tokenizer", "train", "freeze_encoder"): False,
+    ("tokenizer", "init"): None,
+    ("generator", "init"): None,
+    ("generator", "train", "swap_weight"): 0.0,
+    ("generator", "train", "swap_temperature"): 0.02,
+    ("generator", "train", "swap_min_t"): 0.5,
 }
 
 

@@ -87,3 +87,19 @@ def non_finite_tensors(folder: str | Path) -> tuple[int, list[str]]:
     tensors = safetensors.torch.load_file(Path(folder) / WEIGHTS)
     bad = sorted(name for name, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all())
     return len(tensors), bad
+
+
+def start_from_checkpoint(model: nn.Module, folder: str | Path, load: Callable[[Path], nn.Module], kind: str,
+                          ignore: tuple[str, ...] = ()) -> None:
+    """Copy the weights of the checkpoint in `folder` (read by `load`) into `model`, whose config must match but for `ignore`.
+
+    For fine-tuning: the params describe the model, the checkpoint only where it starts, so a
+    checkpoint of another architecture is refused naming each differing field.
+    """
+    start = load(Path(folder))
+    ours, theirs = model.config.to_dict(), start.config.to_dict()
+    differing = [f"{name} {theirs.get(name)!r} there, {ours.get(name)!r} by params"
+                 for name in sorted(ours.keys() | theirs.keys()) if name not in ignore and ours.get(name) != theirs.get(name)]
+    if differing:
+        raise CheckpointError(f"cannot start this {kind} from {folder}: its config differs: " + "; ".join(differing))
+    model.load_state_dict(start.state_dict())

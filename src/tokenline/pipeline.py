@@ -50,6 +50,11 @@ class PlotSpec:
     title: str
 
 
+# The input key of a training stage's start checkpoint (`<section>.init`, Stage.init_from): its
+# manifest hash joins the inputs', so a start checkpoint retrained in place makes the stage stale.
+INIT = "init"
+
+
 @dataclass(frozen=True)
 class Stage:
     """One step of the lineage: what it reads, writes and depends on."""
@@ -68,6 +73,7 @@ class Stage:
     plots: tuple[PlotSpec, ...] = ()  # data series it writes for `dvc plots` (rows in StageResult.plots)
     scope: str = "dataset"  # "dataset" or "project" (see SCOPES)
     html: bool = False  # writes an HTML report: data/reports/<name>.html (project) or data/reports/<dataset>/<name>.html
+    init_from: str | None = None  # params section whose `init` may name a checkpoint folder to start from (input INIT)
 
     def __post_init__(self):
         if self.scope not in SCOPES:
@@ -232,6 +238,7 @@ def _build_registry() -> list[Stage]:
             models=("tokenizer",),
             code=("text",),
             params=("data", "tokenizer"),
+            init_from="tokenizer",
             checks=(
                 AssetCheck("finite_weights", "tokenizer", "every tokenizer weight is finite", tokenizer_checks.finite_weights),
             ),
@@ -275,6 +282,7 @@ def _build_registry() -> list[Stage]:
             models=("generator",),
             code=("tokenizer", "text"),
             params=("generator",),
+            init_from="generator",
             checks=(
                 AssetCheck("finite_weights", "generator", "every generator weight is finite", generator_checks.finite_weights),
             ),

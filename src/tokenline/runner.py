@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from tokenline.artifacts import atomic_dir, atomic_write_bytes, atomic_write_jso
 from tokenline.config import Params
 from tokenline.contact_sheet import contact_sheet, png_bytes
 from tokenline.pipeline import (
+    INIT,
     PRODUCER,
     Stage,
     StageContext,
@@ -52,7 +54,11 @@ def _params_hash(stage: Stage, params: Params, dataset: str | None) -> str:
 def input_folders(stage: Stage, params: Params, dataset: str | None, root: Path) -> dict[str, Path]:
     """The committed folders a stage reads, by key: the output name, or `<dataset>/<output>` for a project stage."""
     if stage.per_dataset:
-        return {name: output_path(root, dataset, name) for name in stage.inputs}
+        folders = {name: output_path(root, dataset, name) for name in stage.inputs}
+        init = getattr(params, stage.init_from).init if stage.init_from else None
+        if init:
+            folders[INIT] = Path(root) / Path(init).expanduser()  # an absolute path stays as it is
+        return folders
     return {f"{name}/{output}": output_path(root, name, output) for name in params.active_datasets for output in stage.inputs}
 
 
@@ -60,6 +66,11 @@ def _input_hashes(stage: Stage, params: Params, dataset: str | None, root: Path)
     hashes = {}
     for key, folder in input_folders(stage, params, dataset, root).items():
         manifest = read_manifest(folder)
+        if manifest is None and key == INIT:
+            raise MissingInputError(
+                f"{stage.init_from}.init names {folder}, which is no {stage.name} stage output (no manifest.json); "
+                f"point it at models/<dataset>/{stage.name} of a project"
+            )
         if manifest is None:
             source = dataset or key.split("/")[0]
             producer = PRODUCER[key.split("/")[-1]]
@@ -173,7 +184,7 @@ def run_one(
                 dataset=dataset,
                 profile=params.profile,
                 inputs={
-                    key: {"path": str(folders[key].relative_to(root)), "hash": value}
+                    key: {"path": os.path.relpath(folders[key], root), "hash": value}
                     for key, value in input_hashes.items()
                 },
                 params={key: params.section(key) for key in stage.params},

@@ -16,6 +16,13 @@ always relates the first and the third shape to the second.
 Metadata coordinates are pixels with x to the right and y down; a bbox [x0, y0, x1, y1] covers
 pixels x0 <= x < x1 and y0 <= y < y1, and its centre is ((x0 + x1) / 2, (y0 + y1) / 2).
 Record i depends only on (seed, i), so `records(n)` is a prefix of the full set.
+
+Twins (`source: shapes:twins`): after each scene whose first two shapes can trade places (both
+still inside the image, apart, and every stated relation still holding once the caption names
+them the other way round), the source also yields that scene with the two exchanged, keyed
+`<key>_twin`, its metadata naming the original in `twin_of`. Its caption is the original's with
+the first two objects swapped: the same words, the opposite layout. A generator that must tell
+the two apart learns which object the caption puts where (the swap term of generator training).
 """
 
 from __future__ import annotations
@@ -174,18 +181,60 @@ def sample_scene(rng: random.Random, resolution: int) -> tuple[list[Shape], list
     raise RuntimeError(f"could not place {count} shapes at {resolution} px in {MAX_ATTEMPTS} attempts")
 
 
-class ShapesSource:
-    """`size` synthetic shape scenes at `resolution`, reproducible from `seed`."""
+def moved_to(shape: Shape, center: tuple[float, float]) -> Shape:
+    """The same shape with its bbox centred on `center` (rounded to whole pixels)."""
+    side = shape.bbox[2] - shape.bbox[0]
+    x0, y0 = round(center[0] - side / 2), round(center[1] - side / 2)
+    return Shape(shape.kind, shape.color, shape.size, (x0, y0, x0 + side, y0 + side))
 
-    def __init__(self, resolution: int, size: int, seed: int = 0):
+
+def twin_scene(shapes: list[Shape], relations: list[dict], resolution: int) -> list[Shape] | None:
+    """The first two shapes exchanged, listed in the twin caption's order, or None where the scene's rules break.
+
+    The twin caption names the second shape first, so the result is [second moved to the first's
+    centre, first moved to the second's, third]; `relations` then hold of it unchanged.
+    """
+    if len(shapes) < 2:
+        return None
+    first, second, *rest = shapes
+    twin = [moved_to(second, first.center), moved_to(first, second.center), *rest]
+    gap, margin = max(1, resolution // 32), MIN_SEPARATION * resolution
+    if any(min(s.bbox) < 0 or max(s.bbox) > resolution for s in twin):
+        return None
+    if any(overlaps(a.bbox, b.bbox, gap) for i, a in enumerate(twin) for b in twin[i + 1 :]):
+        return None
+    if any(r["relation"] not in relations_between(twin[r["subject"]], twin[r["object"]], margin) for r in relations):
+        return None
+    return twin
+
+
+class ShapesSource:
+    """`size` synthetic shape scenes at `resolution`, reproducible from `seed`; with `twins`, their swapped twins too."""
+
+    def __init__(self, resolution: int, size: int, seed: int = 0, twins: bool = False):
         self.resolution = resolution
         self.size = size
         self.seed = seed
+        self.twins = twins
+
+    def scene(self, index: int) -> tuple[list[Shape], list[dict]]:
+        """The shapes and relations of scene `index`; they depend only on (seed, index)."""
+        return sample_scene(random.Random(f"{self.seed}-{index}"), self.resolution)
 
     def record(self, index: int) -> Record:
-        """The scene at `index`; it depends only on (seed, index)."""
-        rng = random.Random(f"{self.seed}-{index}")
-        shapes, relations = sample_scene(rng, self.resolution)
+        """The scene at `index`."""
+        shapes, relations = self.scene(index)
+        return self._record(f"shapes_{index:06d}", index, shapes, relations, {})
+
+    def twin_record(self, index: int) -> Record | None:
+        """Scene `index` with its first two shapes exchanged, or None where they cannot trade places."""
+        shapes, relations = self.scene(index)
+        twin = twin_scene(shapes, relations, self.resolution)
+        if twin is None:
+            return None
+        return self._record(f"shapes_{index:06d}_twin", index, twin, relations, {"twin_of": f"shapes_{index:06d}"})
+
+    def _record(self, key: str, index: int, shapes: list[Shape], relations: list[dict], extra: dict) -> Record:
         image = Image.new("RGB", (self.resolution, self.resolution), (255, 255, 255))
         draw = ImageDraw.Draw(image)
         for shape in shapes:
@@ -193,7 +242,7 @@ class ShapesSource:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return Record(
-            key=f"shapes_{index:06d}",
+            key=key,
             image=buffer.getvalue(),
             image_ext="png",
             caption=caption_for(shapes, relations),
@@ -208,15 +257,25 @@ class ShapesSource:
                     for s in shapes
                 ],
                 "relations": relations,
+                **extra,
             },
         )
 
     def records(self, limit: int | None = None) -> Iterator[Record]:
-        """Yield scenes 0, 1, ... up to `limit` (or `size`)."""
-        total = self.size if limit is None else min(limit, self.size)
-        for index in range(total):
-            yield self.record(index)
+        """Yield scene 0 (and its twin), scene 1, ... : `size` scenes, at most `limit` records."""
+        yielded = 0
+        for index in range(self.size):
+            for record in (self.record(index), self.twin_record(index) if self.twins else None):
+                if record is None:
+                    continue
+                if limit is not None and yielded >= limit:
+                    return
+                yield record
+                yielded += 1
 
     def describe(self) -> dict:
-        """Size, seed, kinds and colours."""
-        return {"name": "shapes", "size": self.size, "seed": self.seed, "kinds": list(KINDS), "colors": list(COLORS)}
+        """Size, seed, twins, kinds and colours."""
+        described = {"name": "shapes", "size": self.size, "seed": self.seed, "kinds": list(KINDS), "colors": list(COLORS)}
+        if self.twins:
+            described["twins"] = True
+        return described

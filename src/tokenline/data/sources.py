@@ -16,7 +16,7 @@ def build_source(spec: DatasetSpec, resolution: int) -> Source:
     if scheme == "shapes":
         from tokenline.data.shapes import ShapesSource
 
-        return ShapesSource(resolution=resolution, size=spec.size or 2000, seed=spec.seed)
+        return ShapesSource(resolution=resolution, size=spec.size or 2000, seed=spec.seed, twins=argument == "twins")
     if scheme == "imagefolder":
         from tokenline.data.imagefolder import ImageFolderSource
 

@@ -204,6 +204,15 @@ def split_of(key: str, val_fraction: float) -> str:
     return "val" if bucket < val_fraction else "train"
 
 
+def split_of_row(row: dict, val_fraction: float) -> str:
+    """The split of a validated row: a twin (metadata `twin_of`) goes where its original goes.
+
+    Otherwise a val scene's swapped twin would be a training image, and val would test captions
+    whose layouts the generator had been shown.
+    """
+    return split_of(row["metadata"].get("twin_of") or row["key"], val_fraction)
+
+
 def shards(ctx: StageContext) -> StageResult:
     """Pack accepted records into webdataset tar shards, split train/val by key hash."""
     import webdataset as wds
@@ -214,7 +223,7 @@ def shards(ctx: StageContext) -> StageResult:
     options = ctx.params.shards
     by_split = {"train": [], "val": []}
     for row in rows:
-        by_split[split_of(row["key"], options.val_fraction)].append(row)
+        by_split[split_of_row(row, options.val_fraction)].append(row)
     index, samples = {}, []
     for split, members in by_split.items():
         # mtime=0 makes tar bytes depend on content only, so hashes are reproducible.

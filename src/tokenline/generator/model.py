@@ -102,6 +102,11 @@ class TextBatch:
         """The rows where `keep` is True."""
         return TextBatch(self.states[keep], self.mask[keep], self.pooled[keep])
 
+    def concat(self, other: TextBatch) -> TextBatch:
+        """These rows, then `other`'s."""
+        return TextBatch(torch.cat([self.states, other.states]), torch.cat([self.mask, other.mask]),
+                         torch.cat([self.pooled, other.pooled]))
+
 
 # -----------------------------------------------------------------------------
 # Blocks

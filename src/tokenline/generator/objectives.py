@@ -4,6 +4,12 @@ Flow convention (diffusers' FlowMatchEulerDiscreteScheduler): x_t = (1 - t) x0 +
 noise, and the model predicts v = noise - x0. Timesteps are logit-normal (SD3): t = sigmoid(n),
 n ~ N(mean, std), which spends the training signal on the middle of the path where it is hardest.
 
+The swap term (opt-in) contrasts a caption with its swap, the same words in the opposite layout
+("a red circle above a blue square" / "a blue square above a red circle"): at the same x_t, the
+flow loss under the swap must exceed the loss under the true caption. Plain flow matching barely
+separates the two where layout is decided (t > 0.85; benchmarks/shapes_binding.py), so the
+generator reads a caption as a bag of words.
+
 Masked convention (MaskGIT): a cosine schedule picks how many of the K codes are corrupted; the
 model predicts the originals at those positions. VQ-Diffusion's mask-and-replace corrupts a
 fraction of them to random codes instead of [MASK], so the model also learns to correct tokens.
@@ -12,6 +18,7 @@ fraction of them to random codes instead of [MASK], so the model also learns to 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,15 +33,54 @@ def logit_normal_times(batch: int, mean: float = 0.0, std: float = 1.0, device=N
     return torch.sigmoid(mean + std * normal)
 
 
+def noised_latents(x0: Tensor, time_mean: float = 0.0, time_std: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_t, t, velocity target noise - x0) at logit-normal t for a batch of clean latents."""
+    t = logit_normal_times(len(x0), time_mean, time_std, device=x0.device)
+    noise = torch.randn_like(x0)
+    return (1 - t[:, None, None]) * x0 + t[:, None, None] * noise, t, noise - x0
+
+
 def flow_matching_loss(
     model: FlowTransformer, x0: Tensor, text: TextBatch | None, drop: Tensor | None = None,
     time_mean: float = 0.0, time_std: float = 1.0,
 ) -> Tensor:
     """Mean squared error between the predicted and the true velocity (noise - x0) at logit-normal t."""
-    t = logit_normal_times(len(x0), time_mean, time_std, device=x0.device)
-    noise = torch.randn_like(x0)
-    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-    return F.mse_loss(model(x_t, t, text, drop).float(), (noise - x0).float())
+    x_t, t, target = noised_latents(x0, time_mean, time_std)
+    return F.mse_loss(model(x_t, t, text, drop).float(), target.float())
+
+
+@dataclass(frozen=True)
+class SwapTerm:
+    """Settings of the swap term: weight * softplus(-(loss_swapped - loss_true) / temperature) at t >= min_t."""
+
+    weight: float
+    temperature: float = 0.02
+    min_t: float = 0.5
+
+
+def flow_matching_swap_loss(
+    model: FlowTransformer, x0: Tensor, text: TextBatch, drop: Tensor, swapped: TextBatch, has_swap: Tensor,
+    term: SwapTerm, time_mean: float = 0.0, time_std: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(loss, flow loss, mean swap gap or None): flow matching plus the swap term, in one forward pass.
+
+    `swapped` holds, row for row, the swapped caption of each row where `has_swap` is True (other
+    rows are ignored). Rows dropped to the null caption or noised below `term.min_t` (where x_t
+    still shows the layout, so no caption needs reading) take no part in the term.
+    """
+    x_t, t, target = noised_latents(x0, time_mean, time_std)
+    used = has_swap & ~drop & (t >= term.min_t)
+    extra = int(used.sum())
+    velocity = model(torch.cat([x_t, x_t[used]]), torch.cat([t, t[used]]), text.concat(swapped.select(used)),
+                     torch.cat([drop, torch.zeros(extra, dtype=torch.bool, device=drop.device)]))
+    errors = (velocity.float() - torch.cat([target, target[used]]).float()).pow(2).mean(dim=(1, 2))
+    own = errors[: len(x0)]
+    flow = own.mean()
+    if extra == 0:
+        return flow, flow.detach(), None
+    gap = errors[len(x0):] - own[used]
+    loss = flow + term.weight * F.softplus(-gap / term.temperature).mean()
+    return loss, flow.detach(), gap.mean().detach()
 
 
 def cosine_mask_ratio(progress: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ import shutil
 import torch
 
 from tokenline.artifacts import atomic_write_json, read_manifest
-from tokenline.pipeline import StageContext, StageResult, work_path
+from tokenline.pipeline import INIT, StageContext, StageResult, work_path
 from tokenline.tokenizer.token_cache import TokenCache
 
 TRAINING = "training.json"
@@ -30,6 +30,7 @@ def generator(ctx: StageContext) -> StageResult:
     from tokenline.generator.model import GeneratorConfig, build_generator, num_params
     from tokenline.generator.spec import generator_config_values
     from tokenline.generator.train import CHECKPOINT, train_generator
+    from tokenline.model_checkpoint import read_config, start_from_checkpoint
     from tokenline.tokenizer.caption_text import cached_text_encoder
     from tokenline.tokenizer.model import Tokenizer1D
     from tokenline.tokenizer.pixels import tensor_to_image
@@ -39,12 +40,19 @@ def generator(ctx: StageContext) -> StageResult:
     tokenizer_hash = read_manifest(tokenizer_dir)["content_hash"]
     cache = TokenCache(ctx.inputs["tokens"], "train", expect_tokenizer_hash=tokenizer_hash)
     values = generator_config_values(ctx.params, cache.meta)
+    start = ctx.inputs.get(INIT)
     if values["objective"] == "flow" and not values["binary"]:
-        values["latent_mean"], values["latent_std"] = cache.latent_statistics()
+        if start is not None:  # its weights (and a resumed fine-tune's) learned latents standardized by these
+            started_config = read_config(start, GeneratorConfig.from_dict, "generator")
+            values["latent_mean"], values["latent_std"] = started_config.latent_mean, started_config.latent_std
+        else:
+            values["latent_mean"], values["latent_std"] = cache.latent_statistics()
     model = build_generator(GeneratorConfig.from_dict(values))
     work = work_path(ctx.root, ctx.dataset, "generator")
     if not ctx.resume:
         shutil.rmtree(work, ignore_errors=True)  # a fresh run: an old state folder must not leak into it
+    if start is not None and not ctx.resume:  # fine-tuning; the start may have learned another tokenizer's tokens
+        start_from_checkpoint(model, start, load_generator, "generator", ignore=("tokenizer_hash",))
     summary = train_generator(model, cache, work, p.train, resume=ctx.resume, force=ctx.force,
                               log_fn=ctx.tracker.log_metrics)
     out = ctx.outputs["generator"]
@@ -60,6 +68,7 @@ def generator(ctx: StageContext) -> StageResult:
         "tokenizer": str(tokenizer_dir.relative_to(ctx.root)),
         "tokenizer_hash": tokenizer_hash,
         "token_cache_samples": len(cache),
+        "init": str(start) if start is not None else None,
     })
 
     prompts = preview_prompts(ctx, cache)

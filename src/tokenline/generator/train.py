@@ -24,7 +24,8 @@ from torch import Tensor
 from tokenline.artifacts import atomic_dir
 from tokenline.generator.checkpoint import save_generator
 from tokenline.generator.model import FlowTransformer, MaskedTransformer, TextBatch
-from tokenline.generator.objectives import flow_matching_loss, masked_token_loss
+from tokenline.generator.objectives import SwapTerm, flow_matching_loss, flow_matching_swap_loss, masked_token_loss
+from tokenline.generator.swap_pairs import require_partners, swap_partners
 from tokenline.generator.train_config import GeneratorTrainConfig
 from tokenline.tokenizer.token_cache import TokenCache
 from tokenline.training import (
@@ -103,6 +104,13 @@ def train_generator(
     if not flow and not cache.has_codes:
         raise ValueError(f"a masked generator trains on codes; the token cache at {cache.folder} has none "
                          f"(quantizer {cache.meta['quantizer']!r})")
+    swap_term = SwapTerm(config.swap_weight, config.swap_temperature, config.swap_min_t) if config.swap_weight > 0 else None
+    if swap_term is not None:
+        if not flow:
+            raise ValueError("generator.train.swap_weight > 0 contrasts flow losses; a masked generator has none "
+                             "(set swap_weight 0)")
+        partners = swap_partners(cache.captions)
+        require_partners(partners, f"{cache.folder} ({cache.split})")
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
 
     begun = start_run(model, state_dir, config, resume, force, "generator")
@@ -142,9 +150,19 @@ def train_generator(
         # Caption dropout from the global RNG, which the state folder restores on resume.
         drop = torch.rand(len(text)) < config.caption_dropout
         drop = drop.to(accelerator.device)
+        swap_gap = None
         with accelerator.autocast():
             if flow:
                 x0 = raw_model.normalize(rows["latents"].to(accelerator.device))
+            if swap_term is not None:
+                partner = partners[rows["index"]]
+                has_swap = partner >= 0
+                # Rows without a swap read their own caption here; the loss ignores them.
+                swapped = text_batch(cache.rows(torch.where(has_swap, partner, rows["index"])), accelerator.device)
+                loss, flow_loss, swap_gap = flow_matching_swap_loss(
+                    model, x0, text, drop, swapped, has_swap.to(accelerator.device), swap_term,
+                    config.time_mean, config.time_std)
+            elif flow:
                 loss = flow_matching_loss(model, x0, text, drop, config.time_mean, config.time_std)
             else:
                 loss = masked_token_loss(model, rows["codes"].to(accelerator.device), text, drop, config.replace_prob)
@@ -158,6 +176,10 @@ def train_generator(
             metrics = {"loss": loop.progress.loss, "lr": lr}
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
+            if swap_term is not None:
+                metrics["flow_loss"] = flow_loss.item()
+                if swap_gap is not None:  # the last step's mean gap: swapped-caption loss minus true-caption loss
+                    metrics["swap_gap"] = swap_gap.item()
             metrics["samples_per_s"] = loop.interval_rate()
             log_fn(loop.step, metrics)
         loop.checkpoint_if_due()

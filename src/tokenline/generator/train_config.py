@@ -36,6 +36,9 @@ class GeneratorTrainConfig:
     time_mean: float = 0.0        # flow: logit-normal timestep mean
     time_std: float = 1.0         # flow: logit-normal timestep std
     replace_prob: float = 0.0     # masked: share of corrupted codes replaced by random codes (VQ-Diffusion)
+    swap_weight: float = 0.0      # flow: weight of the swap term (0: off); needs captions whose swap is a caption too
+    swap_temperature: float = 0.02  # flow: loss-gap scale of the swap term's softplus
+    swap_min_t: float = 0.5       # flow: rows noised less than this take no part in the swap term
 
     def __post_init__(self):
         check_loop_settings(self)
@@ -44,6 +47,12 @@ class GeneratorTrainConfig:
                 raise ValueError(f"{name} must be in [0, 1), not {getattr(self, name)}")
         if self.time_std <= 0:
             raise ValueError(f"time_std must be > 0, not {self.time_std}")
+        if self.swap_weight < 0:
+            raise ValueError(f"swap_weight must be >= 0, not {self.swap_weight}")
+        if self.swap_temperature <= 0:
+            raise ValueError(f"swap_temperature must be > 0, not {self.swap_temperature}")
+        if not 0.0 <= self.swap_min_t < 1.0:
+            raise ValueError(f"swap_min_t must be in [0, 1), not {self.swap_min_t}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready fields."""

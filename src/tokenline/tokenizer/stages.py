@@ -10,7 +10,8 @@ from PIL import Image
 
 from tokenline.artifacts import atomic_write_json, read_manifest
 from tokenline.data.stages import iter_shard_samples
-from tokenline.pipeline import StageContext, StageResult, work_path
+from tokenline.model_checkpoint import start_from_checkpoint
+from tokenline.pipeline import INIT, StageContext, StageResult, work_path
 from tokenline.tokenizer.caption_text import CaptionTexts, cached_text_encoder, caption_map, params_text_encoder, text_cache_dir
 from tokenline.tokenizer.model import Tokenizer1D
 from tokenline.tokenizer.pixels import samples_to_batch, tensor_to_image
@@ -61,6 +62,8 @@ def tokenizer(ctx: StageContext) -> StageResult:
     if not ctx.resume:
         # A fresh run: an old state folder must not leak into it.
         shutil.rmtree(work, ignore_errors=True)
+        if INIT in ctx.inputs:  # fine-tuning (with freeze_encoder: the decoder alone, latents kept)
+            start_from_checkpoint(model, ctx.inputs[INIT], Tokenizer1D.from_checkpoint, "tokenizer")
     summary = train_tokenizer(
         model, ctx.inputs["shards"], work, p.train,
         resume=ctx.resume,
@@ -75,6 +78,7 @@ def tokenizer(ctx: StageContext) -> StageResult:
         "train": p.train.to_dict(),
         "text_encoder": texts.cache.encoder.describe() if texts is not None else None,
         "num_params": trained.num_params(),
+        "init": str(ctx.inputs[INIT]) if INIT in ctx.inputs else None,  # resumed too: the weights descend from it
     })
     pairs = reconstruction_pairs(trained, ctx, texts, max(1, ctx.params.tracking.contact_sheet // 2))
     if pairs:
