@@ -1,27 +1,32 @@
-"""Experiment, not yet a pipeline stage: teach a trained shapes generator to bind relations with swapped twins.
+"""Teach a trained shapes generator to bind relations: a twins lineage fine-tuned by the pipeline's stages.
 
 `shapes_binding.py` shows the lineage's generator reads captions as bags of words: which colour
-goes where is settled at t > 0.85, where a caption and its swap fit alike. This script fine-tunes
-that generator (its exported EMA weights, or `--init` weights this script saved) with:
+goes where is settled at t > 0.85, where a caption and its swap fit alike. This benchmark builds
+a second lineage in the scratch root `--out` with the runner, from the `--root` lineage's
+checkpoints, and measures it:
 
-* twins: every training scene whose first two objects can trade places (same sizes and kinds,
-  centres exchanged, still inside the image, apart and in the stated relations) is rendered
-  again with them exchanged, encoded with the lineage's tokenizer and captioned with its
-  original's `swapped_caption`. Each twin's caption is the swap of its original's, and the
-  other way round, so both captions of a pair are real captions of real scenes;
-* a swap term: for rows with a twin, at t >= 0.5 and not caption-dropped, the flow loss under
-  the twin's caption (the same x_t and target) must exceed the loss under the row's own caption:
-  weight * softplus(-(loss_swapped - loss_true) / temperature). With made-up swaps as negatives
-  instead, the model learns to spot made-up captions and position does not move (README);
-* `--time-mean` shifts the logit-normal timesteps towards noise, where layout is decided.
+1. data: `datasets.shapes.source=shapes:twins` with the lineage's `--set`s: every scene whose
+   first two shapes can trade places gets a twin, captioned with its original's swap;
+2. tokenizer: `tokenizer.init=<--decoder>` (the lineage's decoder fine-tune, or its tokenizer)
+   with `tokenizer.train.freeze_encoder` and a few decoder steps at a small lr on the twins
+   data. The encoder side is the lineage's, so the `tokens` stage's latents of the original
+   scenes are checked bit-identical to the lineage's cache;
+3. generator: `generator.init=<--root>/models/shapes/generator` and the swap term, in phases
+   (`--phase STEPS,SWAP_WEIGHT,TIME_MEAN,LR`, repeatable; the default is the README's
+   schedule). The first phase is a fresh `generator` run; each later one resumes it (`--resume
+   --force`, as a user would) up to the cumulative step count, with a constant lr;
+4. the benchmark's prompts (`shapes_accuracy.py`: 160 single-object, 200 two-object) sampled
+   with the lineage's sampler at each `--guidance`, decoded by the new lineage's tokenizer,
+   and the checker's accuracies printed.
 
-Then it samples the benchmark's prompts (`shapes_accuracy.py`: 160 single-object, 200 two-object,
-the lineage's sampler at `--guidance`) and prints the checker's accuracies. Weights go to
-OUT/generator.pt, figures to OUT/result.json. The lineage itself is left untouched.
+A phase whose output is fresh is not run again. Figures go to OUT/result.json. The `--root`
+lineage is left untouched. Why a fine-tune and not a twins lineage from scratch: that means a
+new tokenizer and 27,000 generator steps, several CPU hours; on a GPU box set the same params
+(README, shapes) without the inits.
 
 Usage: OMP_NUM_THREADS=2 .venv/bin/python benchmarks/shapes_twins_finetune.py --root DIR --out DIR
-       [--decoder DIR] [--init OUT/generator.pt] [--steps 3000] [--weight 3] [--temperature 0.02]
-       [--time-mean 1.0] [--lr 1e-4] [--guidance 5] [--threads 2]
+       [--set key=value ...] [--decoder DIR] [--decoder-steps 50] [--phase STEPS,WEIGHT,TIME_MEAN,LR ...]
+       [--guidance 5 ...] [--threads 2] [--seed-from DIR ...]
 """
 
 from __future__ import annotations
@@ -29,146 +34,86 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation_sweeps import bench_params, load_pair, setup_threads  # noqa: E402
+from generation_sweeps import bench_params, load_pair, prepare_root, setup_threads  # noqa: E402
 from shapes_accuracy import single_object_prompts, two_object_prompts  # noqa: E402
 
-from tokenline.data.shapes import (  # noqa: E402
-    MIN_SEPARATION,
-    Shape,
-    ShapesSource,
-    draw_shape,
-    overlaps,
-    relations_between,
-)
-from tokenline.eval.compositional import score_images, swapped_caption  # noqa: E402
+from tokenline.eval.compositional import score_images  # noqa: E402
 from tokenline.generator.generate import SamplingOptions, encode_prompts, sample_tokens, tokens_to_images  # noqa: E402
-from tokenline.generator.model import TextBatch  # noqa: E402
-from tokenline.generator.objectives import logit_normal_times  # noqa: E402
-from tokenline.pipeline import output_path  # noqa: E402
+from tokenline.pipeline import get_stage, output_path  # noqa: E402
+from tokenline.runner import run_one, run_with_upstream, staleness  # noqa: E402
 from tokenline.tokenizer.caption_text import cached_text_encoder  # noqa: E402
-from tokenline.tokenizer.model import Tokenizer1D  # noqa: E402
-from tokenline.tokenizer.pixels import image_to_tensor, tensor_to_image  # noqa: E402
+from tokenline.tokenizer.pixels import tensor_to_image  # noqa: E402
 from tokenline.tokenizer.token_cache import TokenCache  # noqa: E402
-from tokenline.training import EMA  # noqa: E402
 
-NEGATIVE_MIN_T = 0.5  # rows below this t take no part in the swap term: the noised latents show the layout
-BATCH = 64
+# The README's schedule: a strong swap term at the deciding noise level, then gentler phases
+# that give back the single-object accuracy the strong one costs, and last two phases spent on
+# fine detail (time_mean -1: low noise, where shapes are drawn and layout is already fixed).
+DEFAULT_PHASES = ["3000,3,1.0,1e-4", "1000,1,0,5e-5", "1500,0.3,0,5e-5", "1500,0.1,0,3e-5",
+                  "1500,0.1,-1.0,3e-5", "1500,0,-1.0,2e-5"]
 SAMPLE_CHUNK = 50  # prompts per sampling call; each call starts from the same seed
 
 
-def twin_scene(record, resolution: int) -> Image.Image | None:
-    """The scene with its first two objects' centres exchanged, or None where that breaks the scene's rules."""
-    meta = record.metadata
-    if meta["count"] < 2:
-        return None
-    shapes = [Shape(o["kind"], o["color"], o["size"], tuple(o["bbox"])) for o in meta["objects"]]
-
-    def moved(shape: Shape, centre: tuple[float, float]) -> Shape:
-        side = shape.bbox[2] - shape.bbox[0]
-        x0, y0 = round(centre[0] - side / 2), round(centre[1] - side / 2)
-        return Shape(shape.kind, shape.color, shape.size, (x0, y0, x0 + side, y0 + side))
-
-    first, second = shapes[0], shapes[1]
-    twin = [moved(first, second.center), moved(second, first.center), *shapes[2:]]
-    gap, margin = max(1, resolution // 32), MIN_SEPARATION * resolution
-    if any(min(s.bbox) < 0 or max(s.bbox) > resolution for s in twin):
-        return None
-    if any(overlaps(a.bbox, b.bbox, gap) for i, a in enumerate(twin) for b in twin[i + 1:]):
-        return None
-    # The twin's caption names the second object first: it relates twin[1] to twin[0], and a third to twin[0].
-    relations = meta["relations"]
-    if relations[0]["relation"] not in relations_between(twin[1], twin[0], margin):
-        return None
-    if len(relations) > 1 and relations[1]["relation"] not in relations_between(twin[2], twin[0], margin):
-        return None
-    image = Image.new("RGB", (resolution, resolution), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    for shape in twin:
-        draw_shape(draw, shape)
-    return image
+def lineage_sets(args) -> list[str]:
+    """The twins lineage's params overrides shared by every phase: data, tokenizer fine-tune, generator start."""
+    decoder = (args.decoder or output_path(args.root, "shapes", "tokenizer")).resolve()
+    return [*args.overrides, "datasets.shapes.source=shapes:twins",
+            f"tokenizer.init={decoder}", "tokenizer.train.freeze_encoder=true",
+            f"tokenizer.train.steps={args.decoder_steps}", "tokenizer.train.lr=1e-5", "tokenizer.train.warmup_steps=1",
+            f"generator.init={output_path(args.root, 'shapes', 'generator').resolve()}",
+            "generator.train.warmup_steps=0", "generator.train.min_lr_ratio=1.0", "generator.train.ema_decay=0.995",
+            "generator.train.checkpoint_every=500", "generator.train.log_every=100"]
 
 
-def training_set(root: Path, params, tokenizer, encoder, text_tokens: int):
-    """(latents, captions as a TextBatch, partner row or -1) for the cache rows followed by their twins."""
-    cache = TokenCache(output_path(root, "shapes", "tokens"), "train")
-    spec = params.datasets["shapes"]
-    source = ShapesSource(tokenizer.config.image_size, spec.size or 2000, spec.seed)
-    originals, images, captions = [], [], []
-    for row, key in enumerate(cache.keys):
-        record = source.record(int(key.rsplit("_", 1)[1]))
-        if record.caption != cache.captions[row]:
-            raise SystemExit(f"{key}: the shapes source gives {record.caption!r}, the cache holds "
-                             f"{cache.captions[row]!r}; pass the lineage's --set datasets.shapes.*")
-        image = twin_scene(record, tokenizer.config.image_size)
-        if image is not None:
-            originals.append(row)
-            images.append(image_to_tensor(image))
-            captions.append(swapped_caption(record.caption))
-    with torch.no_grad():
-        twin_latents = torch.cat([tokenizer.encode(torch.stack(images[i:i + 256])).latents
-                                  for i in range(0, len(images), 256)])
-    twin_text, _ = encode_prompts(captions, encoder, text_tokens)
-    base = cache.rows(list(range(len(cache))))
-    n = len(cache)
-    text = TextBatch(torch.cat([base["text_tokens"], twin_text.states]), torch.cat([base["text_mask"], twin_text.mask]),
-                     torch.cat([base["text_pooled"], twin_text.pooled]))
-    partner = torch.full((n + len(originals),), -1, dtype=torch.long)
-    for j, row in enumerate(originals):
-        partner[row], partner[n + j] = n + j, row
-    return torch.cat([base["latents"], twin_latents]), text, partner
+def phase_sets(phases: list[str]) -> list[list[str]]:
+    """Each `STEPS,WEIGHT,TIME_MEAN,LR` phase as generator.train overrides, steps counted from the start."""
+    total, sets = 0, []
+    for phase in phases:
+        steps, weight, time_mean, lr = phase.split(",")
+        total += int(steps)
+        sets.append([f"generator.train.steps={total}", f"generator.train.swap_weight={weight}",
+                     f"generator.train.time_mean={time_mean}", f"generator.train.lr={lr}"])
+    return sets
 
 
-def concat(a: TextBatch, b: TextBatch) -> TextBatch:
-    """Rows of a, then rows of b."""
-    return TextBatch(torch.cat([a.states, b.states]), torch.cat([a.mask, b.mask]), torch.cat([a.pooled, b.pooled]))
+def train_phases(out: Path, shared: list[str], phases: list[str]):
+    """Run the phases not yet fresh (the first from generator.init, the rest resumed); returns the last phase's params."""
+    stage = get_stage("generator")
+    all_params = [bench_params(out, "cpu", "shapes", [*shared, *sets]) for sets in phase_sets(phases)]
+    # The latest phase whose output is fresh: training goes on from the phase after it.
+    done = next((i for i in reversed(range(len(phases))) if staleness(stage, all_params[i], "shapes", out) is None), -1)
+    for number, params in enumerate(all_params):
+        if number <= done:
+            print(f"phase {number + 1} ({phases[number]}) already trained", flush=True)
+            continue
+        if number == 0:
+            ran = [run.stage for run in run_with_upstream(stage, params, "shapes", out) if not run.skipped]
+            print(f"ran {ran}", flush=True)
+        else:
+            run_one(stage, params, "shapes", out, resume=True, force=True)
+        training = json.loads((output_path(out, "shapes", "generator") / "training.json").read_text())
+        print(f"phase {number + 1} ({phases[number]}): step {training['steps']}, loss {training['final_loss']:.4f}, "
+              f"{training['wall_time_s']:.0f} s", flush=True)
+    return all_params[-1]
 
 
-def fine_tune(generator, latents, text: TextBatch, partner, args) -> None:
-    """`args.steps` AdamW steps of flow loss plus the swap term; leaves the EMA weights in `generator`."""
-    generator.train()
-    ema = EMA(generator, 0.995)
-    optimizer = torch.optim.AdamW(generator.parameters(), lr=args.lr)
-    rows_source = torch.Generator().manual_seed(1)
-    started, flow_sum, gap_sum, gap_count = time.perf_counter(), 0.0, 0.0, 0
-    for step in range(1, args.steps + 1):
-        rows = torch.randint(0, len(latents), (BATCH,), generator=rows_source)
-        batch_text = text.select(rows)
-        drop = torch.rand(BATCH) < 0.1
-        x0 = generator.normalize(latents[rows])
-        t = logit_normal_times(BATCH, args.time_mean)
-        noise = torch.randn_like(x0)
-        x_t, target = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise, noise - x0
-        part = (partner[rows] >= 0) & ~drop & (t >= NEGATIVE_MIN_T)
-        negatives = text.select(partner[rows][part])
-        velocity = generator(torch.cat([x_t, x_t[part]]), torch.cat([t, t[part]]), concat(batch_text, negatives),
-                             torch.cat([drop, torch.zeros(int(part.sum()), dtype=torch.bool)]))
-        errors = (velocity - torch.cat([target, target[part]])).pow(2).mean(dim=(1, 2))
-        true_rows, swapped_rows = errors[:BATCH], errors[BATCH:]
-        loss = true_rows.mean()
-        if part.any():
-            gap = swapped_rows - true_rows[part]
-            loss = loss + args.weight * F.softplus(-gap / args.temperature).mean()
-            gap_sum, gap_count = gap_sum + gap.mean().item(), gap_count + 1
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(generator.parameters(), 1.0)
-        optimizer.step()
-        ema.update(generator, step)
-        flow_sum += true_rows.mean().item()
-        if step % 100 == 0:
-            print(f"step {step}: flow loss {flow_sum / 100:.4f}, swap gap {gap_sum / max(1, gap_count):+.4f} "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)
-            flow_sum, gap_sum, gap_count = 0.0, 0.0, 0
-    ema.copy_to(generator)
+def check_originals_match(cache: TokenCache, lineage: TokenCache) -> int:
+    """Refuse a twins cache whose original scenes differ from the lineage cache's rows; returns how many matched."""
+    rows = {key: row for row, key in enumerate(cache.keys)}
+    matched = [(rows[key], row) for row, key in enumerate(lineage.keys) if key in rows]
+    if len(matched) != len(lineage):
+        raise SystemExit(f"{len(lineage) - len(matched)} of the lineage's {len(lineage)} train scenes are missing "
+                         "from the twins data; pass the lineage's --set datasets.shapes.*")
+    ours, theirs = cache.rows([a for a, _ in matched]), lineage.rows([b for _, b in matched])
+    for name in ("latents", "text_tokens", "text_pooled"):
+        if not torch.equal(ours[name], theirs[name]):
+            raise SystemExit(f"the twins cache's {name} of the original scenes differ from the lineage's")
+    return len(matched)
 
 
 def score(generator, decoder, encoder, options) -> dict:
@@ -178,53 +123,57 @@ def score(generator, decoder, encoder, options) -> dict:
         text, _ = encode_prompts(prompts, encoder, generator.config.text_tokens)
         chunks = []
         for start in range(0, len(prompts), SAMPLE_CHUNK):
-            tokens, _ = sample_tokens(generator, text.select(torch.arange(start, min(start + SAMPLE_CHUNK, len(prompts)))),
-                                      options)
+            keep = torch.arange(start, min(start + SAMPLE_CHUNK, len(prompts)))
+            tokens, _ = sample_tokens(generator, text.select(keep), options)
             with torch.no_grad():
                 chunks.append(tokens_to_images(tokens, decoder))
-        images = torch.cat(chunks)
-        report = score_images([tensor_to_image(image) for image in images], prompts)
+        report = score_images([tensor_to_image(image) for image in torch.cat(chunks)], prompts)
         result[name] = {key: report[key] for key in ("shapes_color_acc", "shapes_shape_acc", "shapes_position_acc")}
     return result
 
 
 def main() -> None:
-    """Build the twins, fine-tune, sample and print the accuracies."""
+    """Build and fine-tune the twins lineage, sample and print the accuracies."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, required=True, help="a shapes_accuracy.py lineage root (generator trained)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for generator.pt and result.json")
+    parser.add_argument("--out", type=Path, required=True, help="scratch root of the twins lineage and result.json")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="the lineage's params overrides")
-    parser.add_argument("--decoder", type=Path, default=None, help="decode with this tokenizer (a freeze_encoder fine-tune)")
-    parser.add_argument("--init", type=Path, default=None, help="start from weights this script saved")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--weight", type=float, default=3.0, help="weight of the swap term")
-    parser.add_argument("--temperature", type=float, default=0.02, help="loss-gap scale of the softplus")
-    parser.add_argument("--time-mean", type=float, default=1.0, help="logit-normal timestep mean (0: the lineage's)")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--decoder", type=Path, default=None,
+                        help="tokenizer to start from (a freeze_encoder fine-tune of the lineage's; default its own)")
+    parser.add_argument("--decoder-steps", type=int, default=50, help="decoder steps on the twins data (lr 1e-5)")
+    parser.add_argument("--phase", dest="phases", action="append", default=None, metavar="STEPS,WEIGHT,TIME_MEAN,LR",
+                        help=f"a generator phase (repeatable; default {' '.join(DEFAULT_PHASES)})")
+    parser.add_argument("--guidance", type=float, action="append", default=None, help="repeatable; default 5 and 7")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed-from", type=Path, action="append", default=[], metavar="DIR",
+                        help="project roots to copy fresh twins data stages from (the runner checks their params)")
     args = parser.parse_args()
     setup_threads(args.threads)
     torch.manual_seed(0)
-    args.out.mkdir(parents=True, exist_ok=True)
 
-    params = bench_params(args.root, "cpu", "shapes", args.overrides)
-    generator, tokenizer = load_pair(args.root, "shapes")
-    if args.init is not None:
-        generator.load_state_dict(torch.load(args.init, weights_only=True))
-    decoder = tokenizer if args.decoder is None else Tokenizer1D.from_checkpoint(args.decoder)
-    encoder = cached_text_encoder(args.root, params)
-    latents, text, partner = training_set(args.root, params, tokenizer, encoder, generator.config.text_tokens)
-    print(f"{int((partner >= 0).sum()) // 2} twins added to {len(latents) - int((partner >= 0).sum()) // 2} "
-          "cache rows", flush=True)
-    if args.steps:
-        fine_tune(generator, latents, text, partner, args)
-    torch.save(generator.state_dict(), args.out / "generator.pt")
-    options = replace(SamplingOptions(**params.generator.sample.model_dump()), guidance=args.guidance)
-    result = score(generator.eval(), decoder, encoder, options)
-    (args.out / "result.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **result}))
-    for name, accuracies in result.items():
-        print(name, {key: round(value, 3) for key, value in accuracies.items() if value is not None}, flush=True)
+    copied = prepare_root(args.out, args.seed_from, "shapes", ["captions"])
+    if (args.root / "data" / ".text_cache").is_dir():  # caption embeddings keyed by encoder fingerprint
+        import shutil
+
+        shutil.copytree(args.root / "data" / ".text_cache", args.out / "data" / ".text_cache", dirs_exist_ok=True)
+    print(f"seeded {copied}", flush=True)
+    phases = args.phases or DEFAULT_PHASES
+    params = train_phases(args.out, lineage_sets(args), phases)
+    matched = check_originals_match(TokenCache(output_path(args.out, "shapes", "tokens"), "train"),
+                                    TokenCache(output_path(args.root, "shapes", "tokens"), "train"))
+    print(f"the tokens stage's latents of the lineage's {matched} train scenes are bit-identical to its cache", flush=True)
+
+    generator, tokenizer = load_pair(args.out, "shapes")
+    encoder = cached_text_encoder(args.out, params)
+    result = {"args": {k: str(v) for k, v in vars(args).items()}, "phases": phases, "scores": {}}
+    for guidance in args.guidance or [5.0, 7.0]:
+        options = replace(SamplingOptions(**params.generator.sample.model_dump()), guidance=guidance)
+        scores = score(generator.eval(), tokenizer, encoder, options)
+        result["scores"][str(guidance)] = scores
+        for name, accuracies in scores.items():
+            print(f"guidance {guidance:g} {name}:", {k: round(v, 3) for k, v in accuracies.items() if v is not None},
+                  flush=True)
+    (args.out / "result.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
