@@ -111,6 +111,16 @@ def overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: in
     return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
 
+def blob_gap(resolution: int) -> int:
+    """The fewest pixels between two shapes' boxes, so each is its own blob for the checker."""
+    return max(1, resolution // 32)
+
+
+def any_overlap(shapes: list[Shape], gap: int) -> bool:
+    """Whether some two of `shapes` come closer than `gap` pixels."""
+    return any(overlaps(a.bbox, b.bbox, gap) for i, a in enumerate(shapes) for b in shapes[i + 1 :])
+
+
 def outline(kind: str, bbox: tuple[int, int, int, int]) -> list[tuple[float, float]]:
     """Polygon of a pointed kind inside an inclusive pixel box."""
     x0, y0, x1, y1 = bbox[0], bbox[1], bbox[2] - 1, bbox[3] - 1
@@ -161,14 +171,14 @@ def sample_scene(rng: random.Random, resolution: int) -> tuple[list[Shape], list
     kinds = [rng.choice(KINDS) for _ in range(count)]
     sizes = [rng.choice(sorted(SIZES)) for _ in range(count)]
     margin = MIN_SEPARATION * resolution
-    gap = max(1, resolution // 32)  # keep shapes apart so each is its own blob
+    gap = blob_gap(resolution)
     for _ in range(MAX_ATTEMPTS):
         shapes: list[Shape] = []
         for kind, color, size in zip(kinds, colors, sizes):
             side = sides[size]
             x0, y0 = rng.randint(0, resolution - side), rng.randint(0, resolution - side)
             shapes.append(Shape(kind, color, size, (x0, y0, x0 + side, y0 + side)))
-        if any(overlaps(a.bbox, b.bbox, gap) for i, a in enumerate(shapes) for b in shapes[i + 1 :]):
+        if any_overlap(shapes, gap):
             continue
         relations = []
         for subject in (0, 2)[: count - 1]:
@@ -198,11 +208,11 @@ def twin_scene(shapes: list[Shape], relations: list[dict], resolution: int) -> l
         return None
     first, second, *rest = shapes
     twin = [moved_to(second, first.center), moved_to(first, second.center), *rest]
-    gap, margin = max(1, resolution // 32), MIN_SEPARATION * resolution
     if any(min(s.bbox) < 0 or max(s.bbox) > resolution for s in twin):
         return None
-    if any(overlaps(a.bbox, b.bbox, gap) for i, a in enumerate(twin) for b in twin[i + 1 :]):
+    if any_overlap(twin, blob_gap(resolution)):
         return None
+    margin = MIN_SEPARATION * resolution
     if any(r["relation"] not in relations_between(twin[r["subject"]], twin[r["object"]], margin) for r in relations):
         return None
     return twin
