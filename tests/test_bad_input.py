@@ -106,10 +106,13 @@ def test_counts_add_up(imported):
     assert shards_index["train"]["samples"] + shards_index["val"]["samples"] == report["accepted"]
 
 
-def test_missing_license_is_rejected(project, tmp_path_factory):
+def test_folder_without_license_fails_before_work(project, tmp_path_factory):
+    from tokenline.data.stages import LicenseMissingError
+
     folder = tmp_path_factory.mktemp("unlicensed")
     Image.new("RGB", (40, 40), "red").save(folder / "red.png")
     (folder / "red.txt").write_text("a red square")
-    run_stage(project, "validate", "nolicense", f"datasets.nolicense.source=imagefolder:{folder}")
-    report = json.loads((project / "data" / "reports" / "nolicense" / "validate.json").read_text())
-    assert report["reasons"] == {"license_missing": 1}
+    # Not one license_missing reject per image: the stage refuses the folder, naming the key to set.
+    with pytest.raises(LicenseMissingError, match=r"datasets\.nolicense\.license"):
+        run_stage(project, "validate", "nolicense", f"datasets.nolicense.source=imagefolder:{folder}")
+    assert not (project / "data" / "reports" / "nolicense").exists()

@@ -38,6 +38,17 @@ def test_set_overrides_are_typed(project):
         ("recon_eval.min_code_usage=2", "recon_eval.min_code_usage"),
         ("generator.model.num_tokens=8", "generator.model.num_tokens"),
         ("generator.model.text_refiner=-1", "text_refiner"),
+        # Ranges: accepted before, failing only after upstream stages ran (or never).
+        ("tokenizer.train.lr=-1", "tokenizer.train.lr"),
+        ("tokenizer.train.lr=nan", "tokenizer.train.lr"),
+        ("tokenizer.train.weight_decay=-1", "tokenizer.train.weight_decay"),
+        ("tokenizer.train.steps=true", "tokenizer.train.steps"),
+        ("tokenizer.train.steps=1e20", "tokenizer.train.steps"),
+        ("generator.train.lr=inf", "generator.train.lr"),
+        ("generator.train.warmup_steps=-3", "generator.train.warmup_steps"),
+        ("probe.train.lr=0", "probe.train.lr"),
+        ("gen_eval.steps_sweep=[0]", "gen_eval.steps_sweep"),
+        ("gen_eval.guidance_sweep=[-1.0]", "gen_eval.guidance_sweep"),
     ],
 )
 def test_bad_values_fail_naming_the_key(project, override, named):
@@ -51,6 +62,16 @@ def test_unknown_profile_and_dataset(project):
         load_params(project / "params.yaml", profile="huge")
     with pytest.raises(ConfigError, match="dataset 'nope' is not defined"):
         load_params(project / "params.yaml", profile="tiny", dataset="nope")
+
+
+@pytest.mark.parametrize("name", ["/tmp/x", "../up", "a.b", "with space"])
+def test_dataset_names_are_names(project, name):
+    """A dataset name becomes folders under data/ and models/: a path is refused before any work."""
+    with pytest.raises(ConfigError, match="dataset name"):
+        load_params(project / "params.yaml", profile="tiny", dataset=name)
+    if "." not in name:  # a dotted name cannot be spelled as a --set key at all
+        with pytest.raises(ConfigError, match="dataset name"):
+            load_params(project / "params.yaml", profile="tiny", overrides=[f"datasets.{name}.source=shapes"])
 
 
 def test_dataset_created_from_set_keys(project, tmp_path):

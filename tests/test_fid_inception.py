@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from tokenline.eval import fid_inception as fi
@@ -60,8 +61,8 @@ def test_documented_torchmetrics_example_value(cache):
 
 def test_conversion_is_cached_and_named_by_source_hash(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENLINE_CACHE", str(tmp_path / "cache"))
-    first = fi.fid_weights_path()
-    assert first.parent == tmp_path / "cache"
+    first = fi.fid_weights_cache()
+    assert first.parent == tmp_path / "cache" and first.suffix == ".safetensors"
     source_sha1 = hashlib.sha1(fi.fid_helper_weights_path().read_bytes()).hexdigest()
     assert source_sha1[:16] in first.name
     mtime = first.stat().st_mtime_ns
@@ -70,17 +71,29 @@ def test_conversion_is_cached_and_named_by_source_hash(tmp_path, monkeypatch):
         raise AssertionError("second call reconverted")
 
     monkeypatch.setattr(fi, "convert_fid_helper_weights", must_not_convert)
-    second = fi.fid_weights_path()
+    second = fi.fid_weights_cache()
     assert second == first
     assert second.stat().st_mtime_ns == mtime
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temp files left behind
+
+
+def test_torch_fidelity_never_unpickles_the_shared_cache(tmp_path, monkeypatch):
+    """A crafted .pth dropped where the cache lives is not what torch-fidelity reads: it gets a private copy of the safetensors."""
+    monkeypatch.setenv("TOKENLINE_CACHE", str(tmp_path / "cache"))
+    cache = fi.fid_weights_cache()
+    crafted = cache.with_suffix(".pth")  # where the cache used to be a pickle
+    crafted.write_bytes(b"not the weights")
+    loaded = fi.fid_weights_path()
+    assert loaded.parent != cache.parent and (loaded.parent.stat().st_mode & 0o077) == 0
+    state = torch.load(loaded, weights_only=True)
+    assert set(state) == set(safetensors.torch.load_file(cache))
 
 
 def test_converted_file_is_a_plain_state_dict_of_the_extractor(cache):
     state = torch.load(fi.fid_weights_path(), weights_only=True)
     extractor = fi.fid_feature_extractor("2048")
     expected = extractor.state_dict()
-    assert list(state) == list(expected)
+    assert sorted(state) == sorted(expected)  # safetensors keeps keys sorted; load_state_dict goes by name
     assert all(state[k].shape == expected[k].shape for k in state)
     assert all(torch.equal(v, torch.ones_like(v)) for k, v in state.items() if k.endswith(".bn.weight"))
     assert state["fc.weight"].shape == (1008, 2048) and not state["fc.weight"].any()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -45,17 +46,15 @@ def run(
     force: bool = typer.Option(False, "--force", help="run the named stage even when its outputs are fresh; with --resume, resume despite a changed training config"),
     resume: bool = typer.Option(False, "--resume", help="training stages: continue from the last state folder (optimizer, scheduler, EMA, RNG, data position)"),
     params_file: Optional[Path] = typer.Option(None, "--params", help="params file (default: ./params.yaml)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="on failure, print the full traceback (also: TOKENLINE_DEBUG=1)"),
 ) -> None:
     """Run STAGE (after any stale upstream stage) on every active dataset, or on --dataset.
 
-    A stage that covers every dataset (`report`) runs once, after the others.
+    A stage that covers every dataset (`report`) runs once, after the others. A failure prints
+    one line naming the file or setting at fault and exits 1 (2 for bad params).
     """
     from tokenline.pipeline import STAGES, get_stage
-    from tokenline.runner import MissingInputError, run_project, run_with_upstream
-    from tokenline.generator.checkpoint import PairingError
-    from tokenline.model_checkpoint import CheckpointError
-    from tokenline.tokenizer.token_cache import StaleTokenCacheError
-    from tokenline.training import ResumeRefusedError
+    from tokenline.runner import run_project, run_with_upstream
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("great_expectations", "alembic", "mlflow"):
@@ -86,8 +85,13 @@ def run(
                 record(run_with_upstream(target, params, name, root, upstream=upstream, force=force, resume=resume))
         for target in (t for t in targets if not t.per_dataset):
             record(run_project(target, params, root, upstream=upstream, force=force))
-    except (MissingInputError, FileNotFoundError, ResumeRefusedError, CheckpointError, StaleTokenCacheError, PairingError) as error:
-        typer.secho(f"error: {error}", fg="red", err=True)
+    except KeyboardInterrupt:
+        typer.secho("interrupted: committed outputs are as they were; `--resume` continues a training stage", err=True)
+        raise typer.Exit(130)
+    except Exception as error:  # noqa: BLE001 - every failure becomes one line a person can act on
+        if verbose or os.environ.get("TOKENLINE_DEBUG") == "1":
+            raise
+        typer.secho(f"error: {one_line(error)}", fg="red", err=True)
         raise typer.Exit(1)
     typer.echo("\n".join(summary))
     typer.echo(f"outputs: {root / 'data'}   reports: {root / 'data' / 'reports'}")
@@ -95,6 +99,18 @@ def run(
         from tokenline.tracking import tracking_uri
 
         typer.echo(f"MLflow runs: {tracking_uri(params, root)} (browse: mlflow ui --backend-store-uri {tracking_uri(params, root)})")
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line, no traceback: tokenline's own errors by their message (it names the file or
+    setting and the fix), others with their type in front."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError) and error.filename is not None:
+        # "[Errno 28] No space left on device: 'models/x/...'" names the file already.
+        return f"{type(error).__name__}: {message}"
+    if type(error).__module__ == "tokenline" or type(error).__module__.startswith("tokenline."):
+        return message
+    return f"{type(error).__name__}: {message}"
 
 
 def main() -> None:

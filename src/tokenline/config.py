@@ -6,16 +6,20 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from tokenline.eval.probe_config import ProbeTrainConfig
 from tokenline.generator.train_config import GeneratorTrainConfig
 from tokenline.tokenizer.train_config import TrainConfig
 
 SOURCE_SCHEMES = ("openmoji", "shapes", "imagefolder", "webdataset", "coco")
+
+# A dataset name becomes a folder under data/ and models/: the record-key pattern, so never a path.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
 class ConfigError(ValueError):
@@ -196,8 +200,8 @@ class GenEvalParams(Section):
     samples: int = Field(500, ge=2)  # generated images = real reference images (val first, then train)
     kid_subset_size: int = Field(100, ge=2)  # KID subset size (capped by the sample count)
     probe_group: int = Field(100, ge=2)  # R@1 among this many captions
-    steps_sweep: list[int] = [1, 4, 8, 25]  # FID and ms/image vs sampling steps
-    guidance_sweep: list[float] = [1.0, 3.0]  # FID vs guidance scale
+    steps_sweep: list[Annotated[StrictInt, Field(ge=1, le=1000)]] = [1, 4, 8, 25]  # FID and ms/image vs sampling steps
+    guidance_sweep: list[Annotated[float, Field(ge=0.0, allow_inf_nan=False)]] = [1.0, 3.0]  # FID vs guidance scale
     samplers: list[Literal["euler", "heun", "euler_maruyama", "time_shift"]] = ["euler", "heun", "euler_maruyama", "time_shift"]
     max_fid: float = Field(300.0, gt=0)  # Dagster check: FID at most this
     grid_images: int = Field(16, ge=1, le=256)  # eval captions drawn in the report's sample grid
@@ -250,6 +254,13 @@ class Params(Section):
     report: ReportParams = ReportParams()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("datasets")
+    @classmethod
+    def _names_are_names(cls, value: dict[str, DatasetSpec]) -> dict[str, DatasetSpec]:
+        for name in value:
+            check_dataset_name(name)
+        return value
 
     @model_validator(mode="after")
     def _active_are_defined(self) -> "Params":
@@ -306,6 +317,14 @@ QUIET_DEFAULTS: dict[tuple[str, ...], Any] = {
     ("generator", "train", "swap_temperature"): 0.02,
     ("generator", "train", "swap_min_t"): 0.5,
 }
+
+
+def check_dataset_name(name: str) -> str:
+    """`name` if it is a dataset name (letters, digits, `_`, `-`), else a ConfigError saying so."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise ConfigError(f"dataset name {name!r} must match {NAME_PATTERN.pattern} (letters, digits, _ and -): "
+                          "it names folders under data/ and models/, never a path")
+    return name
 
 
 def _unknown_dataset(name: str, known: dict) -> str:
@@ -366,7 +385,12 @@ def _format_error(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"{key}: {item['msg']}")
+        message = item["msg"]
+        # A section's own check says "lr must be ...": name the key in full (tokenizer.train.lr).
+        field_name, _, rest = message.removeprefix("Value error, ").partition(" ")
+        if item["type"] == "value_error" and item["loc"] and rest.startswith("must ") and field_name.isidentifier():
+            key, message = f"{key}.{field_name}", rest
+        lines.append(f"{key}: {message}")
     return "invalid params: " + "; ".join(lines)
 
 
@@ -395,6 +419,7 @@ def load_params(
         key_path, value = _parse_override(text)
         _apply_override(tree, key_path, value)
     if dataset:
+        check_dataset_name(dataset)
         if dataset not in (tree.get("datasets") or {}):
             raise ConfigError(_unknown_dataset(dataset, tree.get("datasets") or {}))
         tree["active_datasets"] = [dataset]

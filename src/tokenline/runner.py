@@ -9,9 +9,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenline.artifacts import atomic_dir, atomic_write_bytes, atomic_write_json, git_commit, read_manifest, write_manifest
+from tokenline.artifacts import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    git_commit,
+    read_manifest,
+    verify_output,
+    write_manifest,
+)
 from tokenline.config import Params
 from tokenline.contact_sheet import contact_sheet, png_bytes
+from tokenline.locks import hold_locks, sweep_leftovers, sweep_work_folder
 from tokenline.pipeline import (
     INIT,
     PRODUCER,
@@ -26,6 +35,7 @@ from tokenline.pipeline import (
     samples_path,
     stage_closure,
     upstream_stages,
+    work_path,
 )
 
 log = logging.getLogger(__name__)
@@ -63,6 +73,7 @@ def input_folders(stage: Stage, params: Params, dataset: str | None, root: Path)
 
 
 def _input_hashes(stage: Stage, params: Params, dataset: str | None, root: Path) -> dict[str, str]:
+    """Each input folder's content hash, once its files are verified against its manifest (DamagedOutputError)."""
     hashes = {}
     for key, folder in input_folders(stage, params, dataset, root).items():
         manifest = read_manifest(folder)
@@ -78,6 +89,7 @@ def _input_hashes(stage: Stage, params: Params, dataset: str | None, root: Path)
                 f"stage {stage.name!r} needs {folder}, which has no manifest: run "
                 f"`tokenline run {producer.name} --dataset {source}` first"
             )
+        verify_output(folder, manifest)
         hashes[key] = manifest["content_hash"]
     return hashes
 
@@ -92,11 +104,19 @@ def report_files(stage: Stage, dataset: str | None, root: Path) -> list[Path]:
     return files
 
 
-def staleness(stage: Stage, params: Params, dataset: str | None, root: Path) -> str | None:
-    """Why `stage` must run for `dataset` (a reason), or None when its outputs are fresh (dataset None: project)."""
-    manifests = [read_manifest(output_path(root, dataset, name)) for name in stage.outputs]
+def staleness(stage: Stage, params: Params, dataset: str | None, root: Path, verify: bool = True) -> str | None:
+    """Why `stage` must run for `dataset` (a reason), or None when its outputs are fresh (dataset None: project).
+
+    Outputs and inputs whose files differ from their manifests raise DamagedOutputError, naming
+    the file and the stage to rebuild, unless `verify` is off for the outputs (a forced rebuild).
+    """
+    folders = [output_path(root, dataset, name) for name in stage.outputs]
+    manifests = [read_manifest(folder) for folder in folders]
     if any(manifest is None for manifest in manifests):
         return "outputs missing"
+    if verify:
+        for folder, manifest in zip(folders, manifests):
+            verify_output(folder, manifest)
     if not all(file.exists() for file in report_files(stage, dataset, root)):
         return "report missing"
     if any(m["params_hash"] != _params_hash(stage, params, dataset) for m in manifests):
@@ -131,13 +151,23 @@ def _write_reports(stage: Stage, result: StageResult, params: Params, dataset: s
     return written
 
 
+def _locked_folders(stage: Stage, dataset: str | None, root: Path) -> list[Path]:
+    """The folders a stage run writes: its outputs and, for a stage that trains, its `.work` folder."""
+    folders = [output_path(root, dataset, name) for name in stage.outputs]
+    if dataset is not None and stage.models:
+        folders.append(work_path(root, dataset, stage.name))
+    return folders
+
+
 def run_one(
     stage: Stage, params: Params, dataset: str | None, root: Path, resume: bool = False, force: bool = False,
 ) -> StageRun:
     """Run one stage on one dataset (dataset None: a project-scope stage over every active dataset) now.
 
     `resume` lets a training stage continue its last state folder (refused on a changed
-    training config unless `force`).
+    training config unless `force`). The run holds the lock of every folder it writes from
+    start to end (OutputLockedError when another run has one), sweeps what killed runs left
+    there, and marks its MLflow run FAILED on any failure.
     """
     from tokenline.tracking import start_tracker
 
@@ -147,11 +177,27 @@ def run_one(
                          f"{'name a dataset' if stage.per_dataset else 'it takes no dataset'}")
     if dataset is not None:
         params.dataset(dataset)  # fails early, naming the dataset, if it is unknown
-    input_hashes = _input_hashes(stage, params, dataset, root)
+    locked = _locked_folders(stage, dataset, root)
+    with hold_locks(locked):
+        for folder in locked:
+            sweep_leftovers(folder)
+        if dataset is not None:
+            sweep_work_folder(work_path(root, dataset, stage.name))
+        input_hashes = _input_hashes(stage, params, dataset, root)
+        log.info("running %s on %s (profile %s)", stage.name, dataset or "every active dataset", params.profile)
+        tracker = start_tracker(stage, params, dataset, root)
+        try:
+            return _run_tracked(stage, params, dataset, root, resume, force, input_hashes, tracker)
+        except BaseException:
+            tracker.fail()
+            raise
+
+
+def _run_tracked(stage: Stage, params: Params, dataset: str | None, root: Path, resume: bool, force: bool,
+                 input_hashes: dict[str, str], tracker) -> StageRun:
+    """Run the stage function into temporary folders, commit them with their manifests, write the reports."""
     folders = input_folders(stage, params, dataset, root)
     started = time.perf_counter()
-    log.info("running %s on %s (profile %s)", stage.name, dataset or "every active dataset", params.profile)
-    tracker = start_tracker(stage, params, dataset, root)
     with contextlib.ExitStack() as stack:
         temps = {
             name: stack.enter_context(atomic_dir(output_path(root, dataset, name)))
@@ -165,11 +211,7 @@ def run_one(
                 per_dataset.setdefault(name, {})[output] = folder
         inputs = folders if dataset is not None else {}
         context = StageContext(stage, params, dataset, root, inputs, temps, tracker, resume, force, per_dataset)
-        try:
-            result = stage.func(context)
-        except BaseException:
-            tracker.fail()
-            raise
+        result = stage.func(context)
         wall_time = time.perf_counter() - started
         if dataset is None:
             spec = {name: params.dataset(name).model_dump(mode="json") for name in params.active_datasets}
@@ -206,7 +248,8 @@ def run_one(
 def _run_if_stale(step: Stage, params: Params, dataset: str | None, root: Path, force: bool, resume: bool) -> StageRun:
     """Run `step` when it is stale or forced; otherwise record it as skipped."""
     where = dataset or "every active dataset"
-    reason = staleness(step, params, dataset, root)
+    # A forced step is being rebuilt: its own damaged outputs are what the user asked to replace.
+    reason = staleness(step, params, dataset, root, verify=not force)
     if reason is None and not force:
         log.info("%s on %s is fresh; skipping", step.name, where)
         manifests = {name: read_manifest(output_path(root, dataset, name)) for name in step.outputs}

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import time
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from tokenline.config import Params
+
+log = logging.getLogger(__name__)
 
 
 def tracking_uri(params: Params, root: Path) -> str:
@@ -53,6 +57,23 @@ def run_link(params: Params, root: Path, run_id: str) -> str:
     return f"runs:/{run_id}"
 
 
+def fail_orphaned_runs(client, experiment: str, tags: dict[str, str]) -> list[str]:
+    """Mark FAILED the RUNNING runs of this stage, dataset, project and host: their process died.
+
+    Called while the runner holds the stage's output locks, so no live process of this project
+    can own such a run (a run that ended in any other way finished or failed itself).
+    """
+    query = " and ".join(f"tags.{key} = '{tags[key]}'" for key in ("stage", "dataset", "host"))
+    orphans = []
+    for run in client.search_runs([experiment], f"{query} and attributes.status = 'RUNNING'"):
+        if run.data.tags.get("root") == tags["root"]:
+            client.set_terminated(run.info.run_id, "FAILED")
+            orphans.append(run.info.run_id)
+    if orphans:
+        log.warning("marked %d MLflow run(s) of %s on %s FAILED: their process died", len(orphans), tags["stage"], tags["dataset"])
+    return orphans
+
+
 class StageTracker:
     """The MLflow run of one stage run: step metrics and images while it runs, the rest when it ends."""
 
@@ -70,9 +91,13 @@ class StageTracker:
             _flatten("dataset", params.dataset(dataset).model_dump(mode="json"), flat)
         flat["profile"] = params.profile
         scope = dataset or ",".join(params.active_datasets)
-        tags = {"stage": stage.name, "dataset": scope, "profile": params.profile, "area": stage.area}
+        # host and root say which runs a later run of this stage may declare dead (fail_orphaned_runs).
+        tags = {"stage": stage.name, "dataset": scope, "profile": params.profile, "area": stage.area,
+                "root": str(Path(root).resolve()), "host": socket.gethostname(), "pid": str(os.getpid())}
         run_name = stage.name if dataset is None else f"{stage.name}:{dataset}"
-        run = self.client.create_run(_experiment_id(self.client, params, uri), run_name=run_name, tags=tags)
+        experiment = _experiment_id(self.client, params, uri)
+        fail_orphaned_runs(self.client, experiment, tags)
+        run = self.client.create_run(experiment, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         from mlflow.entities import Param
 
@@ -114,8 +139,11 @@ class StageTracker:
         return self.run_id
 
     def fail(self) -> None:
-        """Mark the run failed (the stage raised)."""
-        self.client.set_terminated(self.run_id, "FAILED")
+        """Mark the run failed (the stage raised); a tracking store that fails too must not hide the stage's error."""
+        try:
+            self.client.set_terminated(self.run_id, "FAILED")
+        except Exception as error:  # noqa: BLE001 - the stage's own error is the one to report
+            log.warning("could not mark MLflow run %s failed: %s", self.run_id, error)
 
 
 class NullTracker:

@@ -31,7 +31,9 @@ MODEL_WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
-RNG = "rng.pt"
+RNG_TENSORS = "rng.safetensors"  # torch, numpy (and CUDA) generator states as tensors
+RNG_STATE = "rng.json"  # the rest of the numpy state and python's random state
+LEGACY_RNG = "rng.pt"  # a pickle written by tokenline before 0.2: never loaded
 PROGRESS = "progress.json"
 MODEL_CONFIG = "model_config.json"
 TRAIN_CONFIG = "train_config.json"  # written last: its presence marks a complete folder
@@ -113,21 +115,31 @@ def restore_optimization(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, 
         group["lr"] = lr * factor(scheduler.last_epoch)
 
 
-def rng_states() -> dict[str, Any]:
-    """The torch, numpy, python (and CUDA) RNG states, for a state folder."""
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def rng_states() -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The torch, numpy, python (and CUDA) RNG states as (tensors, JSON document), so no pickle is needed."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+        tensors |= {f"cuda_{index}": state for index, state in enumerate(torch.cuda.get_rng_state_all())}
+    document = {
+        "numpy": {"kind": kind, "position": int(position), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+    return tensors, document
 
 
-def set_rng_states(states: dict[str, Any]) -> None:
+def set_rng_states(tensors: Mapping[str, Tensor], document: Mapping[str, Any]) -> None:
     """Restore what rng_states() captured."""
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    torch.set_rng_state(tensors["torch"])
+    state = document["numpy"]
+    keys = tensors["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["kind"], keys, state["position"], state["has_gauss"], state["cached_gaussian"]))
+    python = document["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss_next"]))
+    cuda = [tensors[f"cuda_{index}"] for index in range(len(tensors)) if f"cuda_{index}" in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def seed_everything(seed: int) -> None:
@@ -169,11 +181,16 @@ def write_state_folder(
     objects: Mapping[str, Any],
     documents: Mapping[str, Any],
 ) -> None:
-    """Write a state folder whole or not at all: safetensors files, torch.save files, JSON documents.
+    """Write a state folder whole or not at all: safetensors files, torch.save files, JSON documents, RNG states.
 
-    The folder is built beside the old one and swapped in only once complete, so a crash (or a
-    NaN stop) mid-write leaves the last good state as it was.
+    `objects` hold plain state dicts (tensors, numbers, strings) that torch.load reads back with
+    weights_only=True. The RNG states are captured here, at the moment of writing: what a resumed
+    run continues from. The folder is built beside the old one and swapped in only once complete,
+    so a crash (or a NaN stop) mid-write leaves the last good state as it was.
     """
+    rng_tensors, rng_document = rng_states()
+    tensors = {**tensors, RNG_TENSORS: rng_tensors}
+    documents = {RNG_STATE: rng_document, **documents}  # TRAIN_CONFIG stays last: it marks a complete folder
     with atomic_dir(Path(folder)) as temp:
         for name, state in tensors.items():
             plain = {key: t.detach().cpu().contiguous() for key, t in state.items()}
@@ -204,6 +221,12 @@ def start_run(model: nn.Module, state_dir: Path, train_config, resume: bool, for
         return RunProgress()
     if not (state_dir / TRAIN_CONFIG).is_file():
         raise FileNotFoundError(f"{state_dir}: no complete training state to resume from")
+    if not (state_dir / RNG_TENSORS).is_file():
+        # Its RNG states are a pickle (rng.pt), and unpickling a file runs whatever code it names.
+        raise ResumeRefusedError(
+            f"{state_dir} has no {RNG_TENSORS} (an older state folder keeps its RNG in {LEGACY_RNG}, a pickle "
+            f"tokenline never loads); start a fresh run: `tokenline run {stage} --force` without --resume"
+        )
     defaults = {f.name: f.default for f in dataclasses.fields(train_config) if f.default is not dataclasses.MISSING}
     differing = saved_config_differences(state_dir, model.config.to_dict(), train_config.to_dict(), defaults)
     if differing and not force:
@@ -221,8 +244,7 @@ def restore_run(state_dir: Path, ema: EMA, optimizer: torch.optim.Optimizer, sch
     """Load a resumed run's EMA, optimizer, schedule and RNG states, once every RNG-drawing module is built."""
     ema.load_state_dict(safetensors.torch.load_file(state_dir / EMA_WEIGHTS))
     restore_optimization(optimizer, scheduler, state_dir / OPTIMIZER, state_dir / SCHEDULER, lr, weight_decay)
-    # Our own file; the numpy and python RNG states are not plain tensors.
-    set_rng_states(torch.load(state_dir / RNG, weights_only=False))
+    set_rng_states(safetensors.torch.load_file(state_dir / RNG_TENSORS), json.loads((state_dir / RNG_STATE).read_text()))
 
 
 def apply_gradients(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
@@ -249,7 +271,7 @@ class StepLoop:
 
     def __init__(self, name: str, config, start: RunProgress, items_per_step: int,
                  checkpoint: Callable[[RunProgress], None], state_dir: Path, show_bar: bool = True):
-        self.config, self.checkpoint, self.state_dir = config, checkpoint, Path(state_dir)
+        self.name, self.config, self.checkpoint, self.state_dir = name, config, checkpoint, Path(state_dir)
         self.progress = RunProgress(start.step, start.samples_seen, start.loss)
         self.items_per_step = items_per_step
         self.first_step = self.saved_step = start.step
@@ -270,7 +292,10 @@ class StepLoop:
         if not torch.isfinite(loss):
             # The last good state folder stays as it is.
             self.bar.close()
-            raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {self.progress.step + 1}")
+            raise FloatingPointError(
+                f"{self.name}: non-finite loss ({loss.item()}) at step {self.progress.step + 1}; the last good "
+                f"state in {self.state_dir} is kept (try a lower {self.name}.train.lr)"
+            )
 
     def advance(self, loss: float, samples: int) -> None:
         """Count one finished step of `samples` samples (all processes) that ended at `loss`."""

@@ -5,6 +5,10 @@ content (a text file named .jpg is offered, and validation rejects it). A captio
 `.txt` file with the same path and stem. Two images sharing a stem (a.png and a.jpg) both
 take that caption and get keys told apart by their suffix. A `.txt` with no image beside it
 is yielded as an orphan caption (image None): reported, never counted as an image.
+
+Nothing is read from outside the folder: an image whose path resolves outside it (a symlink
+to /etc/passwd, say) is offered with no bytes and `outside_source` in its metadata, so
+validation rejects it; a caption that resolves outside counts as missing.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from tokenline.data.records import Record, safe_key
+from tokenline.data.records import Record, inside, safe_key
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
@@ -33,9 +37,22 @@ class ImageFolderSource:
             key = f"{key}_{path.suffix.lstrip('.').lower()}"
         return key
 
+    def _caption(self, path: Path) -> bytes | None:
+        """The caption file's bytes; None when it is absent or resolves outside the folder."""
+        return path.read_bytes() if path.is_file() and inside(path, self.folder) else None
+
+    def _metadata(self, path: Path) -> dict:
+        """Source, license and relative path; `outside_source` when the path resolves outside."""
+        relative = str(path.relative_to(self.folder))
+        metadata = {"source": "imagefolder", "license": self.license, "path": relative}
+        if not inside(path, self.folder):
+            metadata["outside_source"] = relative
+        return metadata
+
     def records(self, limit: int | None = None) -> Iterator[Record]:
         """Yield image records in path order, then orphan captions."""
-        files = sorted(p for p in self.folder.rglob("*") if p.is_file())
+        # Dangling links are listed too, so they are counted and rejected rather than vanish.
+        files = sorted(p for p in self.folder.rglob("*") if p.is_file() or p.is_symlink())
         images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
         stems: dict[Path, int] = {}
         for path in images:
@@ -49,12 +66,14 @@ class ImageFolderSource:
             while key in seen_keys:  # "a b.png" and "a_b.png" map to one key
                 key += "_"
             seen_keys.add(key)
+            metadata = self._metadata(path)
+            readable = "outside_source" not in metadata and path.is_file()
             yield Record(
                 key=key,
-                image=path.read_bytes(),
+                image=path.read_bytes() if readable else b"",
                 image_ext=path.suffix.lstrip(".").lower(),
-                caption=caption_file.read_bytes() if caption_file.exists() else None,
-                metadata={"source": "imagefolder", "license": self.license, "path": str(path.relative_to(self.folder))},
+                caption=self._caption(caption_file),
+                metadata=metadata,
             )
         for path in files:
             if path.suffix.lower() == ".txt" and path.with_suffix("") not in stems:
@@ -62,8 +81,8 @@ class ImageFolderSource:
                     key="orphan_" + safe_key(path.relative_to(self.folder).with_suffix("").as_posix()),
                     image=None,
                     image_ext="",
-                    caption=path.read_bytes(),
-                    metadata={"source": "imagefolder", "license": self.license, "path": str(path.relative_to(self.folder))},
+                    caption=self._caption(path) or b"",
+                    metadata=self._metadata(path),
                 )
 
     def describe(self) -> dict:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Protocol
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class SourceFormatError(ValueError):
+    """A data source's own file (an annotations file, a listing) is malformed; the message says where."""
 
 
 @dataclass
@@ -48,3 +53,9 @@ def safe_key(text: str) -> str:
     """Turn a path or name into a record key: runs of other characters become `_`."""
     key = re.sub(r"[^A-Za-z0-9\-]+", "_", text).strip("_")
     return key or "record"
+
+
+def inside(path: Path, root: Path) -> bool:
+    """Whether `path`, symlinks and `..` resolved, stays inside `root`."""
+    # A source reads nothing beyond its root: a link or `../` name must not pull in /etc/passwd.
+    return path.resolve().is_relative_to(root.resolve())

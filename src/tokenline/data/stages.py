@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import shutil
+import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -51,9 +52,22 @@ def _preview(data: bytes) -> Image.Image | None:
 # --------------------------------------------------------------------------------------
 
 
+class LicenseMissingError(ValueError):
+    """A folder dataset names no license, so validation would reject every image it holds."""
+
+
 def raw(ctx: StageContext) -> StageResult:
     """Copy the source's records, untouched, into data/<dataset>/raw."""
-    source = build_source(ctx.spec, ctx.params.data.resolution)
+    source = build_source(ctx.spec, ctx.params.data.resolution)  # checks the folder exists; reads nothing
+    # Folder images carry no license of their own (COCO and webdataset records may), so without
+    # the dataset's every image would end up `license_missing`: say so before reading anything.
+    if ctx.spec.source.startswith("imagefolder:") and not ctx.spec.license:
+        name = ctx.dataset
+        raise LicenseMissingError(
+            f"dataset {name!r} is an image folder that names no license (datasets.{name}.license), so every image "
+            f"would be rejected as license_missing: set it, e.g. --set datasets.{name}.license=CC-BY-4.0, "
+            f"or --set datasets.{name}.license=unspecified to accept images without one"
+        )
     out = ctx.outputs["raw"]
     files = out / "files"
     files.mkdir()
@@ -105,6 +119,7 @@ def _features(ctx: StageContext, rows: list[dict]) -> Iterator[tuple[dict, dict,
             duplicate_of = None if duplicate_of == row["key"] else duplicate_of
         features = {
             "key": row["key"],
+            "outside_source": row["metadata"].get("outside_source"),
             "file_bytes": inspection.file_bytes,
             "header_ok": inspection.header_ok,
             "max_side": inspection.max_side,
@@ -121,6 +136,8 @@ def _features(ctx: StageContext, rows: list[dict]) -> Iterator[tuple[dict, dict,
 
 
 def _detail(reason: str, features: dict, inspection) -> str:
+    if reason == "outside_source":
+        return f"{features['outside_source']} resolves outside the source's root; not read"
     if reason == "duplicate_image":
         return f"same pixels as {features['duplicate_of']}"
     if reason in ("empty_file", "not_an_image", "image_too_large", "undecodable"):
@@ -249,25 +266,73 @@ def shards(ctx: StageContext) -> StageResult:
     return StageResult(counts=counts, samples=samples)
 
 
-def iter_shard_samples(shard_dir: Path, split: str | None = None) -> Iterator[dict]:
-    """Yield decoded samples (key, split, image, caption, metadata) from a shards folder."""
+class DamagedShardError(ValueError):
+    """A shard that does not read back whole (cut short, a member missing or undecodable); names the file."""
+
+
+def _damaged(shard: Path, what: str) -> DamagedShardError:
+    """The one-line error for a damaged shard, with the command that rebuilds it."""
+    dataset = shard.parent.parent.name  # data/<dataset>/shards/<name>.tar
+    return DamagedShardError(f"{shard}: {what}; rebuild with 'tokenline run shards --dataset {dataset} --force'")
+
+
+def _ends_whole(shard: Path) -> bool:
+    """Whether the tar ends in its end-of-archive marker (two zero blocks), as a tar cut short does not."""
+    with open(shard, "rb") as file:
+        size = file.seek(0, io.SEEK_END)
+        file.seek(max(size - 1024, 0))
+        return size >= 1024 and file.read() == bytes(1024)
+
+
+def _shard_samples(shard: Path) -> Iterator[dict]:
+    """Yield one shard's samples undecoded; a tar that does not read to its end raises DamagedShardError."""
     import webdataset as wds
 
+    samples = iter(wds.WebDataset(str(shard), shardshuffle=False, empty_check=False, nodesplitter=None))
+    key = None
+    while True:
+        where = f"after sample {key!r}" if key else "before its first sample"
+        try:
+            sample = next(samples)
+        except StopIteration:
+            break
+        except (tarfile.TarError, OSError, ValueError) as error:
+            # webdataset appends " @ <file object>" (and more args) to the message; the file is named already.
+            reason = str(error.args[0] if error.args else error).split(" @ ")[0]
+            raise _damaged(shard, f"unreadable {where} ({reason})") from None
+        key = sample["__key__"]
+        yield sample
+    # A tar cut at a member boundary reads without error, just shorter: its missing end says so.
+    if not _ends_whole(shard):
+        raise _damaged(shard, f"ends {where} without its end-of-archive marker (truncated shard)")
+
+
+def _decode_sample(shard: Path, split: str, sample: dict) -> dict:
+    """A shard sample as (key, split, image, caption, metadata); a missing or undecodable member raises DamagedShardError."""
+    key = sample["__key__"]
+    missing = [member for member in ("png", "txt", "json") if member not in sample]
+    if missing:
+        raise _damaged(shard, f"sample {key!r} has no {missing[0]} member (truncated or damaged shard)")
+    try:
+        image = Image.open(io.BytesIO(sample["png"])).convert("RGB")
+        caption, metadata = sample["txt"].decode("utf-8"), json.loads(sample["json"])
+    except (OSError, SyntaxError, ValueError) as error:  # PIL raises OSError (UnidentifiedImageError) or SyntaxError
+        raise _damaged(shard, f"sample {key!r} does not decode ({type(error).__name__})") from None
+    return {"key": key, "split": split, "image": image, "caption": caption, "metadata": metadata}
+
+
+def iter_shard_samples(shard_dir: Path, split: str | None = None) -> Iterator[dict]:
+    """Yield decoded samples (key, split, image, caption, metadata) from a shards folder."""
     index = json.loads((Path(shard_dir) / "index.json").read_text())
     for name in ("train", "val"):
-        if split not in (None, name) or not index[name]["shards"]:
+        if split not in (None, name):
             continue
-        urls = [str(Path(shard_dir) / shard) for shard in index[name]["shards"]]
-        # nodesplitter=None: every process reads the whole split; training splits samples by
-        # rank itself (ShardImages), so a reader never sees a partial split.
-        for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None):
-            yield {
-                "key": sample["__key__"],
-                "split": name,
-                "image": Image.open(io.BytesIO(sample["png"])).convert("RGB"),
-                "caption": sample["txt"].decode("utf-8"),
-                "metadata": json.loads(sample["json"]),
-            }
+        # One shard at a time so an error can name the file; no node splitting in the reader:
+        # training splits samples by rank itself (ShardImages), so a reader never sees a partial split.
+        for shard in index[name]["shards"]:
+            path = Path(shard_dir) / shard
+            for sample in _shard_samples(path):
+                yield _decode_sample(path, name, sample)
 
 
 # --------------------------------------------------------------------------------------

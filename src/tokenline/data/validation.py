@@ -28,6 +28,9 @@ class Check:
 def build_checks(params: ValidateParams) -> list[Check]:
     """The suite, in the order reasons are assigned."""
     checks = [
+        # First, so a file the source refused to read (it resolves outside the source's root)
+        # is rejected for that, not as the empty file it was offered as.
+        Check("outside_source", "ExpectColumnValuesToBeNull", "outside_source", {}),
         Check("empty_file", "ExpectColumnValuesToBeBetween", "file_bytes", {"min_value": 1}),
         Check("not_an_image", "ExpectColumnValuesToBeInSet", "header_ok", {"value_set": [True]}),
         Check("image_too_large", "ExpectColumnValuesToBeBetween", "max_side", {"max_value": params.max_side}),
@@ -49,7 +52,7 @@ def build_checks(params: ValidateParams) -> list[Check]:
 
 
 FEATURE_COLUMNS = (
-    "key", "file_bytes", "header_ok", "max_side", "decoded", "min_side", "aspect",
+    "key", "outside_source", "file_bytes", "header_ok", "max_side", "decoded", "min_side", "aspect",
     "caption_present", "caption_utf8", "caption", "license", "duplicate_of",
 )
 

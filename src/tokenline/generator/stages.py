@@ -9,6 +9,7 @@ import torch
 from tokenline.artifacts import atomic_write_json, read_manifest
 from tokenline.pipeline import INIT, StageContext, StageResult, work_path
 from tokenline.tokenizer.token_cache import TokenCache
+from tokenline.training import seed_everything
 
 TRAINING = "training.json"
 
@@ -47,10 +48,11 @@ def generator(ctx: StageContext) -> StageResult:
             values["latent_mean"], values["latent_std"] = started_config.latent_mean, started_config.latent_std
         else:
             values["latent_mean"], values["latent_std"] = cache.latent_statistics()
+    seed_everything(p.train.seed)  # the initial weights are drawn here: two fresh runs start alike
     model = build_generator(GeneratorConfig.from_dict(values))
     work = work_path(ctx.root, ctx.dataset, "generator")
-    if not ctx.resume:
-        shutil.rmtree(work, ignore_errors=True)  # a fresh run: an old state folder must not leak into it
+    # A fresh run reads nothing from an old state folder and replaces it with its first state, so a
+    # fresh run that fails early leaves a run worth resuming intact.
     if start is not None and not ctx.resume:  # fine-tuning; the start may have learned another tokenizer's tokens
         start_from_checkpoint(model, start, load_generator, "generator", ignore=("tokenizer_hash",))
     summary = train_generator(model, cache, work, p.train, resume=ctx.resume, force=ctx.force,

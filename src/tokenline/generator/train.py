@@ -34,7 +34,6 @@ from tokenline.training import (
     MODEL_WEIGHTS,
     OPTIMIZER,
     PROGRESS,
-    RNG,
     SCHEDULER,
     TRAIN_CONFIG,
     EMA,
@@ -43,7 +42,6 @@ from tokenline.training import (
     apply_gradients,
     cosine_with_warmup,
     restore_run,
-    rng_states,
     start_run,
     write_state_folder,
 )
@@ -132,7 +130,7 @@ def train_generator(
             write_state_folder(
                 state_dir,
                 {MODEL_WEIGHTS: raw_model.state_dict(), EMA_WEIGHTS: ema.state_dict()},
-                {OPTIMIZER: optimizer.state_dict(), SCHEDULER: scheduler.state_dict(), RNG: rng_states()},
+                {OPTIMIZER: optimizer.state_dict(), SCHEDULER: scheduler.state_dict()},
                 {PROGRESS: asdict(progress), MODEL_CONFIG: raw_model.config.to_dict(), TRAIN_CONFIG: config.to_dict()},
             )
             exported = copy.deepcopy(raw_model)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pydantic import ConfigDict
+from pydantic import ConfigDict, StrictInt
 
 from tokenline.tokenizer.train_config import check_loop_settings
 
@@ -20,18 +20,18 @@ class GeneratorTrainConfig:
     # Pydantic reads this when the dataclass is a params field: unknown keys fail with their name.
     __pydantic_config__ = ConfigDict(extra="forbid")
 
-    steps: int = 2000             # optimizer steps in total (a resumed run continues up to this)
-    batch_size: int = 64          # token sequences per step (per process under `accelerate launch`)
+    steps: StrictInt = 2000             # optimizer steps in total (a resumed run continues up to this)
+    batch_size: StrictInt = 64          # token sequences per step (per process under `accelerate launch`)
     lr: float = 3e-4              # peak learning rate, reached at the end of warmup
     weight_decay: float = 0.0     # AdamW decoupled weight decay
-    warmup_steps: int = 100       # linear warmup from lr/warmup_steps to lr
+    warmup_steps: StrictInt = 100       # linear warmup from lr/warmup_steps to lr
     min_lr_ratio: float = 0.1     # the cosine ends at lr * min_lr_ratio
     grad_clip: float = 1.0        # max global gradient norm; 0 turns clipping off
     ema_decay: float = 0.999      # EMA weight of the old shadow per step (warmed up early in the run)
-    checkpoint_every: int = 500   # steps between state folders (one is always written at the end)
-    seed: int = 0                 # seeds torch, numpy, random and the data order
+    checkpoint_every: StrictInt = 500   # steps between state folders (one is always written at the end)
+    seed: StrictInt = 0                 # seeds torch, numpy, random and the data order
     mixed_precision: str = "no"   # "no" | "bf16" | "fp16"; CPU uses "no"
-    log_every: int = 10           # steps between log_fn calls (MLflow metrics)
+    log_every: StrictInt = 10           # steps between log_fn calls (MLflow metrics)
     caption_dropout: float = 0.1  # share of captions replaced by the null caption (classifier-free guidance)
     time_mean: float = 0.0        # flow: logit-normal timestep mean
     time_std: float = 1.0         # flow: logit-normal timestep std

@@ -15,6 +15,7 @@ from tokenline.pipeline import INIT, StageContext, StageResult, work_path
 from tokenline.tokenizer.caption_text import CaptionTexts, cached_text_encoder, caption_map, params_text_encoder, text_cache_dir
 from tokenline.tokenizer.model import Tokenizer1D
 from tokenline.tokenizer.pixels import samples_to_batch, tensor_to_image
+from tokenline.training import seed_everything
 
 TRAINING = "training.json"
 RECONSTRUCTIONS = "reconstructions.png"
@@ -57,11 +58,12 @@ def tokenizer(ctx: StageContext) -> StageResult:
     p = ctx.params.tokenizer
     texts = _caption_texts(ctx, p.text_tokens)
     text_dim = texts.cache.encoder.token_dim if texts is not None else 0
+    seed_everything(p.train.seed)  # the initial weights are drawn here: two fresh runs start alike
     model = Tokenizer1D(tokenizer_config(ctx.params, text_dim))
     work = work_path(ctx.root, ctx.dataset, "tokenizer")
+    # A fresh run leaves an old state folder where it is (it reads nothing from it) until its own
+    # first state replaces it: a fresh run that fails early cannot destroy a run worth resuming.
     if not ctx.resume:
-        # A fresh run: an old state folder must not leak into it.
-        shutil.rmtree(work, ignore_errors=True)
         if INIT in ctx.inputs:  # fine-tuning (with freeze_encoder: the decoder alone, latents kept)
             start_from_checkpoint(model, ctx.inputs[INIT], Tokenizer1D.from_checkpoint, "tokenizer")
     summary = train_tokenizer(

@@ -240,6 +240,50 @@ def _write_split(
 # Reading
 # -----------------------------------------------------------------------------
 
+class DamagedTokenCacheError(ValueError):
+    """A token cache file that cannot be read or holds values no tokenizer writes (truncated, garbled)."""
+
+
+def _damaged(path: Path, problem: str) -> DamagedTokenCacheError:
+    return DamagedTokenCacheError(f"{path}: {problem}; the token cache is damaged: rebuild it with "
+                                  "`tokenline run tokens --force`")
+
+
+def _open_array(path: Path) -> np.ndarray:
+    """Memory-map one cache array (rows are read on access, nothing is loaded whole), or name the file that fails."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:  # truncated ("mmap length is greater than file size"), garbled header
+        raise _damaged(path, " ".join(str(error).split())) from None
+
+
+def _read_list(path: Path) -> list:
+    """A JSON list of the cache (keys, captions), or name the file that is not one."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise _damaged(path, " ".join(str(error).split())) from None
+    if not isinstance(value, list):
+        raise _damaged(path, "is not a JSON list")
+    return value
+
+
+def _refuse_bad_values(base: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Refuse, when the cache is opened rather than mid-training, non-finite floats and codes outside the codebook.
+
+    One pass over each array: the cost of reading the cache once, paid before any step runs.
+    """
+    for name in ("latents", "text_pooled", "text_tokens"):
+        if name in arrays and arrays[name].size and not np.isfinite(arrays[name]).all():
+            raise _damaged(base / f"{name}.npy", "holds non-finite values (NaN or infinity)")
+    if "codes" in arrays and arrays["codes"].size:
+        codes = arrays["codes"]
+        high = meta.get("codebook_size") or 2  # binary codes are bits
+        low_found, high_found = int(codes.min()), int(codes.max())
+        if low_found < 0 or high_found >= high:
+            raise _damaged(base / "codes.npy", f"holds codes in [{low_found}, {high_found}], outside the codebook [0, {high - 1}]")
+
+
 class TokenCache(Dataset):
     """One split of a token cache as a map-style dataset; arrays stay memory-mapped on disk.
 
@@ -277,16 +321,16 @@ class TokenCache(Dataset):
         self.split = split
         base = self.folder / split
         names = [n for n in ARRAYS if n != "codes" or self.has_codes]
-        # mmap_mode="r": rows are read from disk on access, nothing is loaded whole.
-        self._arrays = {name: np.load(base / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in names}
-        self._keys = json.loads((base / "keys.json").read_text())
-        self._captions = json.loads((base / "captions.json").read_text())
+        self._arrays = {name: _open_array(base / f"{name}.npy") for name in names}
+        self._keys = _read_list(base / "keys.json")
+        self._captions = _read_list(base / "captions.json")
         expected = self._meta["splits"][split]
         lengths = {name: len(array) for name, array in self._arrays.items()}
         if set(lengths.values()) | {len(self._keys), len(self._captions)} != {expected}:
             raise ValueError(f"the token cache at {self.folder} is inconsistent: meta.json says {expected} "
                              f"{split} samples, files hold {lengths}, {len(self._keys)} keys and "
                              f"{len(self._captions)} captions; re-run `tokenline run tokens`")
+        _refuse_bad_values(base, self._arrays, self._meta)
 
     @property
     def meta(self) -> dict[str, Any]:

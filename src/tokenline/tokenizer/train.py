@@ -37,7 +37,6 @@ from tokenline.training import (
     MODEL_WEIGHTS,
     OPTIMIZER,
     PROGRESS,
-    RNG,
     SCHEDULER,
     TRAIN_CONFIG,
     EMA,
@@ -47,7 +46,6 @@ from tokenline.training import (
     ResumeRefusedError,
     cosine_with_warmup,
     restore_run,
-    rng_states,
     saved_config_differences,
     start_run,
     write_state_folder,
@@ -128,7 +126,7 @@ class _Adversary:
 def _write_state(folder: Path, model, ema, optimizer, scheduler, adversary, config, progress: RunProgress) -> None:
     """Write a complete state folder, replacing the old one only once the new one is whole."""
     tensors = {MODEL_WEIGHTS: model.state_dict(), EMA_WEIGHTS: ema.state_dict()}
-    objects = {OPTIMIZER: optimizer.state_dict(), SCHEDULER: scheduler.state_dict(), RNG: rng_states()}
+    objects = {OPTIMIZER: optimizer.state_dict(), SCHEDULER: scheduler.state_dict()}
     if adversary is not None:
         tensors[DISC_WEIGHTS] = adversary.discriminator.state_dict()
         objects[DISC_OPTIMIZER] = adversary.optimizer.state_dict()

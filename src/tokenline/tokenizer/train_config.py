@@ -5,22 +5,51 @@ Kept free of torch imports so `tokenline.config` can type `tokenizer.train` with
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pydantic import ConfigDict
+from pydantic import ConfigDict, StrictInt
 
 # Pydantic reads this when a dataclass is a params field: unknown keys fail with their name.
 _STRICT = ConfigDict(extra="forbid")
 
 
+# More steps than any run takes: a typo like 1e20 fails at params load, not after upstream stages ran.
+MAX_COUNT = 10**9
+
+
+def check_count(config: Any, name: str, low: int = 1) -> None:
+    """`config.name` is a whole number (not a bool) in [low, MAX_COUNT]."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, not {value!r}")
+    if not low <= value <= MAX_COUNT:
+        raise ValueError(f"{name} must be in [{low}, {MAX_COUNT}], not {value}")
+
+
+def check_rate(config: Any, name: str, low: float = 0.0, positive: bool = False) -> None:
+    """`config.name` is a finite number >= low (> low when `positive`)."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, not {value!r}")
+    if value < low or (positive and value == low):
+        raise ValueError(f"{name} must be {'>' if positive else '>='} {low}, not {value}")
+
+
 def check_loop_settings(config: Any) -> None:
-    """The checks every training-loop config shares: precision, positive counts, an EMA decay in [0, 1)."""
+    """The checks every training-loop config shares: precision, whole counts, a positive lr, an EMA decay in [0, 1)."""
     if config.mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', not {config.mixed_precision!r}")
     for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be at least 1, not {getattr(config, name)}")
+        check_count(config, name)
+    check_count(config, "warmup_steps", low=0)
+    check_count(config, "seed", low=0)
+    check_rate(config, "lr", positive=True)
+    for name in ("weight_decay", "grad_clip"):
+        check_rate(config, name)
+    if not 0.0 <= config.min_lr_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], not {config.min_lr_ratio}")
     if not 0.0 <= config.ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), not {config.ema_decay}")
 
@@ -63,18 +92,18 @@ class TrainConfig:
 
     __pydantic_config__ = _STRICT
 
-    steps: int = 1000             # optimizer steps in total (a resumed run continues up to this)
-    batch_size: int = 32          # images per step (per process under `accelerate launch`)
+    steps: StrictInt = 1000             # optimizer steps in total (a resumed run continues up to this)
+    batch_size: StrictInt = 32          # images per step (per process under `accelerate launch`)
     lr: float = 1e-4              # peak learning rate, reached at the end of warmup
     weight_decay: float = 1e-4    # AdamW decoupled weight decay
-    warmup_steps: int = 100       # linear warmup from lr/warmup_steps to lr
+    warmup_steps: StrictInt = 100       # linear warmup from lr/warmup_steps to lr
     min_lr_ratio: float = 0.1     # the cosine ends at lr * min_lr_ratio
     grad_clip: float = 1.0        # max global gradient norm; 0 turns clipping off
     ema_decay: float = 0.999      # EMA weight of the old shadow per step; 0: shadow == model
-    checkpoint_every: int = 500   # steps between state folders (one is always written at the end)
-    seed: int = 0                 # seeds torch, numpy, random and the data order
+    checkpoint_every: StrictInt = 500   # steps between state folders (one is always written at the end)
+    seed: StrictInt = 0                 # seeds torch, numpy, random and the data order
     mixed_precision: str = "no"   # "no" | "bf16" | "fp16"; CPU uses "no"
-    log_every: int = 10           # steps between log_fn calls (MLflow metrics)
+    log_every: StrictInt = 10           # steps between log_fn calls (MLflow metrics)
     # Train the decoder only (TiTok's decoder fine-tuning): the encoder and quantizer keep the
     # exported weights they start from and run in eval mode, so every latent, the token cache
     # and any generator trained on it stay valid. Meant for `--resume` of a trained tokenizer.
