@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow dvc-yaml dagster clean
+.PHONY: demo test test-unit test-slow bench dvc-yaml dagster clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The fast unit run: no stage runs, no training (integration tests excluded).
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -m "not integration"
+
+# `make bench` lists the benchmarks; `make bench NAME=generation_sweeps ARGS="--samples 100"` runs one.
+bench: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks $(NAME) $(ARGS)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow

@@ -1,6 +1,6 @@
 """Print throughput of the tokenizer's training step and the frozen text encoder on this machine.
 
-Usage: .venv/bin/python benchmarks/building_blocks.py [--steps N]
+Usage: .venv/bin/python -m benchmarks building_blocks [--steps N]
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ The 1d lineage is the one `generation_sweeps.py` trains, so by default its outpu
 from that benchmark's root (then the repo's) and only re-measured; the runner retrains any copy
 whose params or inputs differ.
 
-Usage: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/grid_vs_1d.py [--root DIR] [--profile cpu]
+Usage: OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks grid_vs_1d [--root DIR] [--profile cpu]
        [--dataset openmoji] [--samples N] [--repeats 3] [--timed-steps 10] [--threads 1]
        [--set key=value ...] [--seed-from DIR ...] [--no-seed]
 """
@@ -30,14 +30,12 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation_sweeps import (  # noqa: E402  (the shared benchmark helpers)
+from benchmarks.common import (
     REPO,
     WORK,
     add_common_arguments,
@@ -54,9 +52,8 @@ from generation_sweeps import (  # noqa: E402  (the shared benchmark helpers)
     training_summary,
     write_json,
 )
-
-from tokenline.artifacts import read_manifest  # noqa: E402
-from tokenline.pipeline import output_path, report_path  # noqa: E402
+from tokenline.artifacts import read_manifest
+from tokenline.layout import output_path, report_path
 
 STAGES = ["recon_eval", "generator"]
 
@@ -112,7 +109,7 @@ def measure(roots: dict[str, Path], params: dict, dataset: str, samples: int, re
     from tokenline.eval.generation import GenerationMetrics
     from tokenline.generator.generate import SamplingOptions
     from tokenline.generator.model import num_params
-    from tokenline.tokenizer.caption_text import cached_text_encoder
+    from tokenline.text.captions import cached_text_encoder
     from tokenline.tokenizer.pixels import samples_to_batch
     from tokenline.tokenizer.token_cache import TokenCache
 

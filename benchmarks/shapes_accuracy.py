@@ -27,7 +27,7 @@ captions) from another project root (default: the repo), and with `--seed-models
 token cache and generator too: the runner retrains any copy whose params or inputs differ, but
 it cannot see code changes, so leave `--seed-models` off to measure a changed training code.
 
-Usage: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/shapes_accuracy.py [--root DIR]
+Usage: OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks shapes_accuracy [--root DIR]
        [--profile cpu] [--dataset shapes] [--per-prompt 2] [--pairs 200] [--steps N]
        [--guidance G] [--decoder DIR] [--threads 1] [--set key=value ...] [--seed-from DIR ...] [--seed-models]
        [--no-seed]
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -45,8 +44,7 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation_sweeps import (  # noqa: E402  (the shared benchmark helpers)
+from benchmarks.common import (
     WORK,
     add_common_arguments,
     bench_params,
@@ -63,9 +61,8 @@ from generation_sweeps import (  # noqa: E402  (the shared benchmark helpers)
     training_summary,
     write_json,
 )
-
-from tokenline.artifacts import read_manifest  # noqa: E402
-from tokenline.pipeline import output_path  # noqa: E402
+from tokenline.artifacts import read_manifest
+from tokenline.layout import output_path
 
 SINGLE_GOAL = 0.90  # single-object colour+shape accuracy
 POSITION_GOAL = 0.60  # two-object relative position accuracy
@@ -82,7 +79,14 @@ def single_object_prompts(per_prompt: int) -> list[str]:
 
 def two_object_prompts(count: int, seed: int) -> list[str]:
     """`count` two-object captions with a relation, drawn from `seed` (distinct colours, as the grammar needs)."""
-    from tokenline.data.shapes import COLORS, KINDS, RELATION_WORDS, SIZES, Shape, caption_for
+    from tokenline.data.shapes import (
+        COLORS,
+        KINDS,
+        RELATION_WORDS,
+        SIZES,
+        Shape,
+        caption_for,
+    )
 
     rng = random.Random(seed)
     prompts = []
@@ -134,7 +138,7 @@ def measure(root: Path, params, dataset: str, per_prompt: int, pairs: int, steps
     """Generate for both prompt sets and score them, with the real and reconstructed val images as ceilings."""
     from tokenline.eval.compositional import score_images
     from tokenline.generator.generate import SamplingOptions
-    from tokenline.tokenizer.caption_text import cached_text_encoder
+    from tokenline.text.captions import cached_text_encoder
     from tokenline.tokenizer.pixels import samples_to_batch, tensor_to_image
 
     generator, tokenizer = load_pair(root, dataset)

@@ -12,21 +12,19 @@ square" -> "a blue square above a red circle", the same words and the opposite l
   caption scores near 0 the noised latents already fix which colour sits where and the caption
   cannot move it; at t0 = 1 (pure noise) both runs are plain generation.
 
-Usage: OMP_NUM_THREADS=2 .venv/bin/python benchmarks/shapes_binding.py --root DIR [--set key=value ...]
+Usage: OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks shapes_binding --root DIR [--set key=value ...]
        [--scenes 100] [--guidance G] [--steps 25] [--decoder DIR] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation_sweeps import (  # noqa: E402  (the shared benchmark helpers)
+from benchmarks.common import (
     WORK,
     add_common_arguments,
     bench_params,
@@ -38,9 +36,8 @@ from generation_sweeps import (  # noqa: E402  (the shared benchmark helpers)
     setup_threads,
     write_json,
 )
-from shapes_accuracy import same_latent_decoder, val_samples  # noqa: E402
-
-from tokenline.pipeline import output_path  # noqa: E402
+from benchmarks.shapes_accuracy import same_latent_decoder, val_samples
+from tokenline.layout import output_path
 
 LOSS_TIMES = (0.1, 0.3, 0.5, 0.7, 0.85, 0.95)
 RENOISE_TIMES = (0.3, 0.5, 0.7, 0.85, 1.0)
@@ -48,7 +45,7 @@ RENOISE_TIMES = (0.3, 0.5, 0.7, 0.85, 1.0)
 
 def two_object_rows(captions: list[str], count: int) -> tuple[list[int], list[str]]:
     """The first `count` rows whose caption relates exactly two objects, and their swapped captions."""
-    from tokenline.eval.compositional import parse_caption, swapped_caption
+    from tokenline.data.shapes_captions import parse_caption, swapped_caption
 
     rows, swapped = [], []
     for row, caption in enumerate(captions):
@@ -116,7 +113,7 @@ def renoised_positions(generator, decoder, latents: torch.Tensor, captions: list
 def main() -> None:
     """Measure both diagnostics on the lineage's generator and print them as tables."""
     from tokenline.generator.generate import encode_prompts
-    from tokenline.tokenizer.caption_text import cached_text_encoder
+    from tokenline.text.captions import cached_text_encoder
     from tokenline.tokenizer.pixels import samples_to_batch
     from tokenline.tokenizer.token_cache import TokenCache
 

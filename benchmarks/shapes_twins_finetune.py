@@ -24,7 +24,7 @@ lineage is left untouched. Why a fine-tune and not a twins lineage from scratch:
 new tokenizer and 27,000 generator steps, several CPU hours; on a GPU box set the same params
 (README, shapes) without the inits.
 
-Usage: OMP_NUM_THREADS=2 .venv/bin/python benchmarks/shapes_twins_finetune.py --root DIR --out DIR
+Usage: OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks shapes_twins_finetune --root DIR --out DIR
        [--set key=value ...] [--decoder DIR] [--decoder-steps 50] [--phase STEPS,WEIGHT,TIME_MEAN,LR ...]
        [--guidance 5 ...] [--threads 2] [--seed-from DIR ...]
 """
@@ -33,23 +33,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation_sweeps import bench_params, load_pair, prepare_root, setup_threads  # noqa: E402
-from shapes_accuracy import single_object_prompts, two_object_prompts  # noqa: E402
-
-from tokenline.eval.compositional import score_images  # noqa: E402
-from tokenline.generator.generate import SamplingOptions, encode_prompts, sample_tokens, tokens_to_images  # noqa: E402
-from tokenline.pipeline import get_stage, output_path  # noqa: E402
-from tokenline.runner import run_one, run_with_upstream, staleness  # noqa: E402
-from tokenline.tokenizer.caption_text import cached_text_encoder  # noqa: E402
-from tokenline.tokenizer.pixels import tensor_to_image  # noqa: E402
-from tokenline.tokenizer.token_cache import TokenCache  # noqa: E402
+from benchmarks.common import bench_params, load_pair, prepare_root, setup_threads
+from benchmarks.shapes_accuracy import single_object_prompts, two_object_prompts
+from tokenline.eval.compositional import score_images
+from tokenline.generator.generate import (
+    SamplingOptions,
+    encode_prompts,
+    sample_tokens,
+    tokens_to_images,
+)
+from tokenline.layout import output_path
+from tokenline.pipeline import get_stage
+from tokenline.runner import run_one, run_with_upstream, staleness
+from tokenline.text.captions import cached_text_encoder
+from tokenline.tokenizer.pixels import tensor_to_image
+from tokenline.tokenizer.token_cache import TokenCache
 
 # The README's schedule: a strong swap term at the deciding noise level, then gentler phases
 # that give back the single-object accuracy the strong one costs, and last two phases spent on

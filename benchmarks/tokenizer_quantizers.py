@@ -4,7 +4,7 @@ Every variant is `tokenline run recon_eval` on the same data (default: the cpu p
 64 px, K = 32) with `--set` overrides, so the figures are what a user of the pipeline gets.
 Text conditioning is measured as an extra `vq + text` row at the same K.
 
-Usage: .venv/bin/python benchmarks/tokenizer_quantizers.py [--root DIR] [--steps N]
+Usage: .venv/bin/python -m benchmarks tokenizer_quantizers [--root DIR] [--steps N]
        [--variants vq,softvq,binary,kl,vq+text] [--profile cpu] [--dataset openmoji]
 """
 
@@ -18,7 +18,8 @@ from pathlib import Path
 
 from tokenline.artifacts import read_manifest
 from tokenline.config import load_params
-from tokenline.pipeline import get_stage, output_path, report_path
+from tokenline.layout import output_path, report_path
+from tokenline.pipeline import get_stage
 from tokenline.runner import run_with_upstream
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ warm-up/cosine schedule, gradient clipping, the progress bar, step logging and a
 checkpoint. The discriminator is off in both, so the comparison is the loop, not the loss.
 Runs alternate (bare, pipeline, bare, ...) so machine noise hits both alike. Goal: >= 0.90x.
 
-Usage: .venv/bin/python benchmarks/train_loop_overhead.py [--steps 60] [--repeats 7] [--size T]
+Usage: .venv/bin/python -m benchmarks train_loop_overhead [--steps 60] [--repeats 7] [--size T]
 """
 
 from __future__ import annotations
@@ -22,10 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from tokenline.config import load_params
-from tokenline.pipeline import get_stage, output_path
+from tokenline.layout import output_path
+from tokenline.pipeline import get_stage
 from tokenline.runner import run_with_upstream
 from tokenline.tokenizer.model import TOKENIZER_SIZES
-from tokenline.tokenizer.train import LossConfig, ShardImages, TrainConfig, train_tokenizer
+from tokenline.tokenizer.train import (
+    LossConfig,
+    ShardImages,
+    TrainConfig,
+    train_tokenizer,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,6 +14,13 @@ from tokenline.runner import run_with_upstream
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(items):
+    """A slow test is an integration test too, so `-m "not integration"` stays the fast unit run."""
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path_factory, monkeypatch):
     """Point MLflow at a throwaway SQLite store shared by the session."""

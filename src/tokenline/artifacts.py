@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from tokenline import __version__
+
 MANIFEST = "manifest.json"
 
 
@@ -118,7 +120,6 @@ def hash_folder(folder: Path) -> tuple[str, dict[str, dict]]:
 
 class DamagedOutputError(RuntimeError):
     """A committed output whose files no longer match its manifest: changed, truncated, added or removed."""
-
     def __init__(self, folder: Path, file: str, problem: str, manifest: dict):
         self.folder, self.file, self.problem = Path(folder), file, problem
         self.stage = manifest.get("stage", "?")
@@ -185,8 +186,6 @@ def git_commit(root: Path) -> str | None:
 
 def write_manifest(folder: Path, **fields: Any) -> dict:
     """Write the folder's manifest last, with its content hash and a timestamp."""
-    from tokenline import __version__
-
     digest, files = hash_folder(folder)
     manifest = {
         **fields,
@@ -197,3 +196,16 @@ def write_manifest(folder: Path, **fields: Any) -> dict:
     }
     atomic_write_json(Path(folder) / MANIFEST, manifest)
     return manifest
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write rows as JSON lines (UTF-8, keys sorted): inside a stage's temporary output folder."""
+    with open(path, "w", encoding="utf-8") as file:
+        for row in rows:
+            file.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Read a JSON-lines file written by a stage."""
+    with open(path, encoding="utf-8") as file:
+        return [json.loads(line) for line in file if line.strip()]

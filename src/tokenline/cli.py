@@ -11,6 +11,10 @@ from typing import Optional
 import typer
 
 from tokenline.config import ConfigError, load_params, project_root
+from tokenline.dvc_yaml import render_dvc_yaml
+from tokenline.pipeline import STAGES, get_stage
+from tokenline.runner import check_params, run_project, run_with_upstream
+from tokenline.tracking import tracking_uri
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="tokenline: compact-token text-to-image pipeline.")
 
@@ -18,8 +22,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="tokenline: c
 @app.command()
 def stages() -> None:
     """List the registered stages with their inputs and outputs."""
-    from tokenline.pipeline import STAGES
-
     for stage in STAGES:
         inputs = ", ".join(stage.inputs) or "-"
         outputs = ", ".join(stage.outputs)
@@ -31,8 +33,6 @@ def stages() -> None:
 @app.command("dvc-yaml")
 def dvc_yaml() -> None:
     """Print dvc.yaml as generated from the stage registry."""
-    from tokenline.dvc_yaml import render_dvc_yaml
-
     sys.stdout.write(render_dvc_yaml())
 
 
@@ -53,14 +53,13 @@ def run(
     A stage that covers every dataset (`report`) runs once, after the others. A failure prints
     one line naming the file or setting at fault and exits 1 (2 for bad params).
     """
-    from tokenline.pipeline import STAGES, get_stage
-    from tokenline.runner import run_project, run_with_upstream
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("great_expectations", "alembic", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         params = load_params(params_file, profile=profile, overrides=set_, dataset=dataset)
+        check_params(params)
         targets = STAGES if stage == "all" else [get_stage(stage)]
     except (ConfigError, KeyError) as error:
         typer.secho(f"error: {error.args[0] if error.args else error}", fg="red", err=True)
@@ -96,7 +95,6 @@ def run(
     typer.echo("\n".join(summary))
     typer.echo(f"outputs: {root / 'data'}   reports: {root / 'data' / 'reports'}")
     if params.tracking.enabled:
-        from tokenline.tracking import tracking_uri
 
         typer.echo(f"MLflow runs: {tracking_uri(params, root)} (browse: mlflow ui --backend-store-uri {tracking_uri(params, root)})")
 

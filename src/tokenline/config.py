@@ -5,16 +5,22 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from pathlib import Path
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from tokenline.eval.probe_config import ProbeTrainConfig
-from tokenline.generator.train_config import GeneratorTrainConfig
-from tokenline.tokenizer.train_config import TrainConfig
+from tokenline.train_config import GeneratorTrainConfig, ProbeTrainConfig, TrainConfig
 
 SOURCE_SCHEMES = ("openmoji", "shapes", "imagefolder", "webdataset", "coco")
 
@@ -24,6 +30,14 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 class ConfigError(ValueError):
     """Params that fail validation; the message names the offending key."""
+
+
+def only_keys(section: str, value: dict[str, Any], allowed: set[str]) -> dict[str, Any]:
+    """`value` when each of its keys is in `allowed`; else a ValueError naming `section.key` and what is allowed."""
+    for key in value:
+        if key not in allowed:
+            raise ValueError(f"{section}.{key} is not settable; allowed: {', '.join(sorted(allowed))}")
+    return value
 
 
 class Section(BaseModel):
@@ -169,11 +183,7 @@ class GeneratorParams(Section):
     @classmethod
     def _only_architecture(cls, value: dict[str, Any]) -> dict[str, Any]:
         # Everything else comes from the token cache (K, D, codebook, text widths) or from above.
-        allowed = {"width", "depth", "heads", "mlp_ratio", "text_refiner"}
-        for key in value:
-            if key not in allowed:
-                raise ValueError(f"generator.model.{key} is not settable; allowed: {', '.join(sorted(allowed))}")
-        return value
+        return only_keys("generator.model", value, {"width", "depth", "heads", "mlp_ratio", "text_refiner"})
 
 
 class ProbeParams(Section):
@@ -187,11 +197,7 @@ class ProbeParams(Section):
     @classmethod
     def _only_architecture(cls, value: dict[str, Any]) -> dict[str, Any]:
         # image_size and text_dim come from data.resolution and the text encoder.
-        allowed = {"width", "layers", "heads", "patch_size", "embed_dim"}
-        for key in value:
-            if key not in allowed:
-                raise ValueError(f"probe.model.{key} is not settable; allowed: {', '.join(sorted(allowed))}")
-        return value
+        return only_keys("probe.model", value, {"width", "layers", "heads", "patch_size", "embed_dim"})
 
 
 class GenEvalParams(Section):
@@ -267,13 +273,7 @@ class Params(Section):
         for name in self.active_datasets:
             if name not in self.datasets:
                 raise ValueError(f"active_datasets names {name!r}, which datasets does not define")
-        from tokenline.tokenizer.spec import tokenizer_config_values
-
-        # Sizes, patch and width must fit together; a bad combination fails here, by name.
-        tokenizer_config_values(self, text_dim=0, check=True)
-        from tokenline.generator.spec import check_generator_params
-
-        check_generator_params(self)
+        # Whether sizes, patch and width fit together is the areas' knowledge: runner.check_params.
         return self
 
     def dataset(self, name: str) -> DatasetSpec:

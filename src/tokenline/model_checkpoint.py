@@ -9,8 +9,9 @@ the config (missing, unexpected or reshaped tensors).
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import safetensors
 import safetensors.torch
@@ -22,6 +23,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
+C = TypeVar("C")  # a model config dataclass
 
 
 class CheckpointError(ValueError):
@@ -103,3 +105,11 @@ def start_from_checkpoint(model: nn.Module, folder: str | Path, load: Callable[[
     if differing:
         raise CheckpointError(f"cannot start this {kind} from {folder}: its config differs: " + "; ".join(differing))
     model.load_state_dict(start.state_dict())
+
+
+def config_from_dict(config_class: type[C], values: Mapping[str, Any], kind: str) -> C:
+    """A model config dataclass from its to_dict output (a checkpoint's config.json); unknown fields are an error naming them."""
+    unknown = set(values) - {f.name for f in fields(config_class)}
+    if unknown:
+        raise ValueError(f"unknown {kind} config fields: {sorted(unknown)}")
+    return config_class(**values)

@@ -18,27 +18,37 @@ from tokenline.artifacts import (
     verify_output,
     write_manifest,
 )
-from tokenline.config import Params
+from tokenline.config import ConfigError, Params
 from tokenline.contact_sheet import contact_sheet, png_bytes
-from tokenline.locks import hold_locks, sweep_leftovers, sweep_work_folder
-from tokenline.pipeline import (
-    INIT,
-    PRODUCER,
-    Stage,
-    StageContext,
-    StageResult,
+from tokenline.generator.spec import check_generator_params
+from tokenline.layout import (
     html_relpath,
     output_path,
-    params_keys,
     plot_relpath,
     report_path,
     samples_path,
-    stage_closure,
-    upstream_stages,
     work_path,
 )
+from tokenline.locks import hold_locks, sweep_leftovers, sweep_work_folder
+from tokenline.pipeline import PRODUCER, params_keys, stage_closure, upstream_stages
+from tokenline.stage import INIT, Stage, StageContext, StageResult
+from tokenline.tokenizer.spec import tokenizer_config_values
+from tokenline.tracking import start_tracker
 
 log = logging.getLogger(__name__)
+
+
+def check_params(params: Params) -> None:
+    """The checks of params that need the areas' knowledge (sizes, patches and widths that fit), as ConfigError naming the section.
+
+    config.py validates each key; whether a tokenizer or generator can be built from them is
+    known to those areas, which sit above config, so the runner asks them before any work.
+    """
+    try:
+        tokenizer_config_values(params, text_dim=0, check=True)
+        check_generator_params(params)
+    except ValueError as error:
+        raise ConfigError(f"invalid params: {error}") from None
 
 
 class MissingInputError(RuntimeError):
@@ -169,7 +179,6 @@ def run_one(
     start to end (OutputLockedError when another run has one), sweeps what killed runs left
     there, and marks its MLflow run FAILED on any failure.
     """
-    from tokenline.tracking import start_tracker
 
     root = Path(root)
     if stage.per_dataset != (dataset is not None):
@@ -271,12 +280,14 @@ def run_with_upstream(
     """
     if not stage.per_dataset:
         raise ValueError(f"stage {stage.name!r} covers every dataset: run it with run_project")
+    check_params(params)
     chain = stage_closure(stage) if upstream else [stage]
     return [_run_if_stale(step, params, dataset, root, force and step is stage, resume and step is stage) for step in chain]
 
 
 def run_project(stage: Stage, params: Params, root: Path, upstream: bool = True, force: bool = False) -> list[StageRun]:
     """Run a project-scope stage once over every active dataset, after each dataset's stale upstream stages."""
+    check_params(params)
     runs = []
     if upstream:
         for name in params.active_datasets:

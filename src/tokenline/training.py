@@ -38,7 +38,7 @@ PROGRESS = "progress.json"
 MODEL_CONFIG = "model_config.json"
 TRAIN_CONFIG = "train_config.json"  # written last: its presence marks a complete folder
 
-__all__ = ["EMA", "ResumeRefusedError", "StepLoop", "apply_gradients", "config_differences", "cosine_with_warmup", "RunProgress", "restore_optimization", "restore_run", "rng_states", "saved_config_differences", "seed_everything", "set_rng_states", "start_run", "write_state_folder"]
+__all__ = ["EMA", "ResumeRefusedError", "StepLoop", "TrainingRun", "apply_gradients", "begin_training", "config_differences", "cosine_with_warmup", "RunProgress", "restore_optimization", "restore_run", "rng_states", "saved_config_differences", "seed_everything", "set_rng_states", "start_run", "training_summary", "write_state_folder"]
 
 
 class ResumeRefusedError(ValueError):
@@ -47,7 +47,6 @@ class ResumeRefusedError(ValueError):
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float) -> LambdaLR:
     """Linear warmup to the base lr over `warmup` steps, then a cosine down to base * min_ratio at `total`."""
-
     def factor(step: int) -> float:
         if step < warmup:
             # (step + 1): the very first step already learns instead of running at lr 0.
@@ -60,7 +59,6 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
 
 class EMA:
     """An exponential moving average of a model's parameters (the shadow), kept in float32."""
-
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         # float32 even under mixed precision: tiny per-step updates vanish in bf16.
@@ -204,7 +202,6 @@ def write_state_folder(
 @dataclass
 class RunProgress:
     """Where a training run stands: the steps taken, the samples seen and the last loss."""
-
     step: int = 0
     samples_seen: int = 0
     loss: float = float("nan")
@@ -330,3 +327,41 @@ class StepLoop:
             self.checkpoint(self.progress)
         trained = self.progress.step - self.first_step
         return trained * self.items_per_step / elapsed if trained else 0.0
+
+
+@dataclass
+class TrainingRun:
+    """What every training loop starts from: the accelerator, where the run stands, the EMA, optimizer and schedule."""
+    accelerator: Any
+    begun: RunProgress
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    started: float  # perf_counter at the start, for the summary's wall time
+
+
+def begin_training(model: nn.Module, state_dir: Path, config, resume: bool, force: bool, stage: str) -> TrainingRun:
+    """The loop prologue: an accelerator, a fresh (seeded) or resumed start, the model in train mode, EMA, AdamW, the schedule.
+
+    A loop builds what else draws from the RNG (a discriminator) after this and before
+    restore_run, in the same order on a fresh and a resumed run: that keeps resume bit-exact.
+    """
+    from accelerate import (
+        Accelerator,  # heavy (seconds): imported by the loops that train
+    )
+
+    started = time.perf_counter()
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    begun = start_run(model, state_dir, config, resume, force, stage)
+    model.train()
+    ema = EMA(model, config.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = cosine_with_warmup(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
+    return TrainingRun(accelerator, begun, ema, optimizer, scheduler, started)
+
+
+def training_summary(loop: StepLoop, run: TrainingRun, rate_name: str) -> dict[str, float]:
+    """The loop epilogue: write the last state (StepLoop.finish), then steps, final_loss, the throughput as `rate_name`, wall_time_s."""
+    rate = loop.finish()
+    return {"steps": loop.step, "final_loss": loop.progress.loss, rate_name: rate,
+            "wall_time_s": time.perf_counter() - run.started}

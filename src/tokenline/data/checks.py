@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tokenline.artifacts import read_jsonl
 from tokenline.config import Params
+from tokenline.layout import output_path, report_path
 
 
 def _validate_report(manifest: dict, root: Path) -> dict:
-    from tokenline.pipeline import report_path
 
     return json.loads(report_path(root, manifest["dataset"], "validate").read_text())
 
@@ -32,9 +33,6 @@ def accept_rate(root: Path, manifest: dict, params: Params) -> tuple[bool, dict]
 
 def rejects_have_reasons(root: Path, manifest: dict, params: Params) -> tuple[bool, dict]:
     """The quarantine lists a non-empty reason for every record in it."""
-    from tokenline.data.stages import read_jsonl
-    from tokenline.pipeline import output_path
-
     rows = read_jsonl(output_path(root, manifest["dataset"], "rejects") / "reasons.jsonl")
     missing = [row["key"] for row in rows if not row.get("reason")]
     return not missing, {"quarantined": len(rows), "without_reason": len(missing)}

@@ -2,40 +2,27 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import shutil
-import tarfile
 from collections import Counter
-from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from tokenline.artifacts import atomic_write_json
+from tokenline.artifacts import atomic_write_json, read_jsonl, write_jsonl
+from tokenline.data import checks as data_checks
 from tokenline.data.caption_policy import decode_caption, normalize_caption
 from tokenline.data.captioners import build_captioner
 from tokenline.data.image_policy import inspect_image, square_resize
+from tokenline.data.shards import iter_shard_samples, split_of_row
 from tokenline.data.sources import build_source
 from tokenline.data.validation import FEATURE_COLUMNS, run_suite
-from tokenline.pipeline import StageContext, StageResult
+from tokenline.stage import AssetCheck, Stage, StageContext, StageResult
 
 RECORDS = "records.jsonl"
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as file:
-        for row in rows:
-            file.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Read a JSON-lines file written by a stage."""
-    with open(path, encoding="utf-8") as file:
-        return [json.loads(line) for line in file if line.strip()]
 
 
 def _preview(data: bytes) -> Image.Image | None:
@@ -87,7 +74,7 @@ def raw(ctx: StageContext) -> StageResult:
             caption = record.caption.encode("utf-8") if isinstance(record.caption, str) else record.caption
             (out / row["caption"]).write_bytes(caption)
         rows.append(row)
-    _write_jsonl(out / RECORDS, rows)
+    write_jsonl(out / RECORDS, rows)
     atomic_write_json(out / "source.json", source.describe())
     images = sum(row["image"] is not None for row in rows)
     return StageResult(
@@ -193,8 +180,8 @@ def validate(ctx: StageContext) -> StageResult:
     for row in orphans:
         shutil.copy2(raw_dir / row["caption"], rejects / row["caption"])
         rejected_rows.append({"key": row["key"], "reason": "caption_without_image", "detail": row["caption"], "files": [row["caption"]]})
-    _write_jsonl(validated / RECORDS, accepted_rows)
-    _write_jsonl(rejects / "reasons.jsonl", rejected_rows)
+    write_jsonl(validated / RECORDS, accepted_rows)
+    write_jsonl(rejects / "reasons.jsonl", rejected_rows)
 
     image_rejects = [r for r in rejected_rows if r["reason"] != "caption_without_image"]
     report = {
@@ -213,21 +200,6 @@ def validate(ctx: StageContext) -> StageResult:
 # --------------------------------------------------------------------------------------
 # shards
 # --------------------------------------------------------------------------------------
-
-
-def split_of(key: str, val_fraction: float) -> str:
-    """`val` or `train`, from a hash of the key: stable across runs and machines."""
-    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0x100000000
-    return "val" if bucket < val_fraction else "train"
-
-
-def split_of_row(row: dict, val_fraction: float) -> str:
-    """The split of a validated row: a twin (metadata `twin_of`) goes where its original goes.
-
-    Otherwise a val scene's swapped twin would be a training image, and val would test captions
-    whose layouts the generator had been shown.
-    """
-    return split_of(row["metadata"].get("twin_of") or row["key"], val_fraction)
 
 
 def shards(ctx: StageContext) -> StageResult:
@@ -266,75 +238,6 @@ def shards(ctx: StageContext) -> StageResult:
     return StageResult(counts=counts, samples=samples)
 
 
-class DamagedShardError(ValueError):
-    """A shard that does not read back whole (cut short, a member missing or undecodable); names the file."""
-
-
-def _damaged(shard: Path, what: str) -> DamagedShardError:
-    """The one-line error for a damaged shard, with the command that rebuilds it."""
-    dataset = shard.parent.parent.name  # data/<dataset>/shards/<name>.tar
-    return DamagedShardError(f"{shard}: {what}; rebuild with 'tokenline run shards --dataset {dataset} --force'")
-
-
-def _ends_whole(shard: Path) -> bool:
-    """Whether the tar ends in its end-of-archive marker (two zero blocks), as a tar cut short does not."""
-    with open(shard, "rb") as file:
-        size = file.seek(0, io.SEEK_END)
-        file.seek(max(size - 1024, 0))
-        return size >= 1024 and file.read() == bytes(1024)
-
-
-def _shard_samples(shard: Path) -> Iterator[dict]:
-    """Yield one shard's samples undecoded; a tar that does not read to its end raises DamagedShardError."""
-    import webdataset as wds
-
-    samples = iter(wds.WebDataset(str(shard), shardshuffle=False, empty_check=False, nodesplitter=None))
-    key = None
-    while True:
-        where = f"after sample {key!r}" if key else "before its first sample"
-        try:
-            sample = next(samples)
-        except StopIteration:
-            break
-        except (tarfile.TarError, OSError, ValueError) as error:
-            # webdataset appends " @ <file object>" (and more args) to the message; the file is named already.
-            reason = str(error.args[0] if error.args else error).split(" @ ")[0]
-            raise _damaged(shard, f"unreadable {where} ({reason})") from None
-        key = sample["__key__"]
-        yield sample
-    # A tar cut at a member boundary reads without error, just shorter: its missing end says so.
-    if not _ends_whole(shard):
-        raise _damaged(shard, f"ends {where} without its end-of-archive marker (truncated shard)")
-
-
-def _decode_sample(shard: Path, split: str, sample: dict) -> dict:
-    """A shard sample as (key, split, image, caption, metadata); a missing or undecodable member raises DamagedShardError."""
-    key = sample["__key__"]
-    missing = [member for member in ("png", "txt", "json") if member not in sample]
-    if missing:
-        raise _damaged(shard, f"sample {key!r} has no {missing[0]} member (truncated or damaged shard)")
-    try:
-        image = Image.open(io.BytesIO(sample["png"])).convert("RGB")
-        caption, metadata = sample["txt"].decode("utf-8"), json.loads(sample["json"])
-    except (OSError, SyntaxError, ValueError) as error:  # PIL raises OSError (UnidentifiedImageError) or SyntaxError
-        raise _damaged(shard, f"sample {key!r} does not decode ({type(error).__name__})") from None
-    return {"key": key, "split": split, "image": image, "caption": caption, "metadata": metadata}
-
-
-def iter_shard_samples(shard_dir: Path, split: str | None = None) -> Iterator[dict]:
-    """Yield decoded samples (key, split, image, caption, metadata) from a shards folder."""
-    index = json.loads((Path(shard_dir) / "index.json").read_text())
-    for name in ("train", "val"):
-        if split not in (None, name):
-            continue
-        # One shard at a time so an error can name the file; no node splitting in the reader:
-        # training splits samples by rank itself (ShardImages), so a reader never sees a partial split.
-        for shard in index[name]["shards"]:
-            path = Path(shard_dir) / shard
-            for sample in _shard_samples(path):
-                yield _decode_sample(path, name, sample)
-
-
 # --------------------------------------------------------------------------------------
 # captions
 # --------------------------------------------------------------------------------------
@@ -350,7 +253,60 @@ def captions(ctx: StageContext) -> StageResult:
         if len(samples) < ctx.params.tracking.contact_sheet:
             samples.append((sample["image"], text))
     out = ctx.outputs["captions"]
-    _write_jsonl(out / "captions.jsonl", rows)
+    write_jsonl(out / "captions.jsonl", rows)
     atomic_write_json(out / "captioner.json", captioner.describe())
     empty = sum(not row["caption"] for row in rows)
     return StageResult(counts={"captions": len(rows), "empty": empty}, samples=samples)
+
+
+# --------------------------------------------------------------------------------------
+# The registry entries of this area (pipeline.py lists them)
+# --------------------------------------------------------------------------------------
+
+STAGES = (
+    Stage(
+        name="raw",
+        func=raw,
+        area="data",
+        description="Pull the dataset's source into data/<dataset>/raw: image files exactly "
+        "as offered, raw caption bytes and a record table.",
+        outputs=("raw",),
+        params=("data",),
+    ),
+    Stage(
+        name="validate",
+        func=validate,
+        area="data",
+        description="Great Expectations suite over the record table: each record accepted "
+        "(normalized) or quarantined in data/<dataset>/rejects with its reason.",
+        inputs=("raw",),
+        outputs=("validated", "rejects"),
+        params=("data", "validate"),
+        report=True,
+        checks=(
+            AssetCheck("counts_add_up", "validated", "total = accepted + rejected", data_checks.counts_add_up),
+            AssetCheck("accept_rate", "validated", "accepted / total >= validate.min_accept_rate", data_checks.accept_rate),
+            AssetCheck("rejects_have_reasons", "rejects", "every quarantined record names a reason", data_checks.rejects_have_reasons),
+        ),
+    ),
+    Stage(
+        name="shards",
+        func=shards,
+        area="data",
+        description="Webdataset tar shards (image + .txt + .json) with a deterministic "
+        "train/val split by key hash.",
+        inputs=("validated",),
+        outputs=("shards",),
+        params=("data", "shards"),
+    ),
+    Stage(
+        name="captions",
+        func=captions,
+        area="data",
+        description="Captions keyed by sample key from the configured captioner "
+        "(metadata, template or model), with the captioner recorded.",
+        inputs=("shards",),
+        outputs=("captions",),
+        params=("captions",),
+    ),
+)

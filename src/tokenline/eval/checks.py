@@ -1,4 +1,4 @@
-"""Checks on eval stage outputs (Dagster asset checks)."""
+"""Checks on eval stage outputs (Dagster asset checks): FID, and the tokenizer's rFID and code usage."""
 
 from __future__ import annotations
 
@@ -6,14 +6,40 @@ import json
 from pathlib import Path
 
 from tokenline.config import Params
+from tokenline.layout import report_path
 
 
 def fid_below_threshold(root: Path, manifest: dict, params: Params) -> tuple[bool, dict]:
     """Generated images are close enough to the real ones in Inception space."""
-    from tokenline.pipeline import report_path
-
     report = json.loads(report_path(root, manifest["dataset"], "gen_eval").read_text())
     fid = report.get("fid")
     metadata = {"fid": fid if fid is not None else "not computed", "threshold": params.gen_eval.max_fid,
                 "samples": report.get("samples", 0)}
     return fid is not None and fid <= params.gen_eval.max_fid, metadata
+
+
+def _recon_report(root: Path, manifest: dict) -> dict:
+
+    return json.loads(report_path(root, manifest["dataset"], "recon_eval").read_text())
+
+
+def rfid_below_threshold(root: Path, manifest: dict, params: Params) -> tuple[bool, dict]:
+    """Reconstructions are close enough to the originals in Inception space."""
+    report = _recon_report(root, manifest)
+    rfid = report.get("rfid")
+    metadata = {"rfid": rfid if rfid is not None else "not computed", "threshold": params.recon_eval.max_rfid}
+    if rfid is None:
+        metadata["note"] = report.get("rfid_note", "rFID missing from the report")
+        return False, metadata
+    return rfid <= params.recon_eval.max_rfid, metadata
+
+
+def code_usage(root: Path, manifest: dict, params: Params) -> tuple[bool, dict]:
+    """Discrete quantizers use enough of their codes (no collapse); continuous ones pass."""
+    report = _recon_report(root, manifest)
+    usage = report.get("code_usage")
+    if usage is None:
+        return True, {"quantizer": report.get("quantizer", "?"), "note": "continuous latents: no codes to use"}
+    return usage >= params.recon_eval.min_code_usage, {
+        "code_usage": usage, "threshold": params.recon_eval.min_code_usage, "quantizer": report.get("quantizer", "?"),
+    }

@@ -25,7 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokenline.artifacts import hash_file
-from tokenline.text.encoder import SHORT_HASH, freeze, local_weights_file, offline_text_config
+from tokenline.text.encoder import (
+    SHORT_HASH,
+    freeze,
+    local_weights_file,
+    offline_text_config,
+)
 
 DEFINITION = "100 * max(cos(image, caption), 0), mean over images"
 PROGRESS_MIN_BATCHES = 8  # below this many batches a progress bar is noise

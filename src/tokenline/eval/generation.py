@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tokenline.eval.fid_inception import inception_features
+
 BATCH = 64  # images per Inception forward
 FID_MIN_SAMPLES = 2  # a covariance needs two images
 KID_SUBSETS = 100  # torchmetrics' default
@@ -49,11 +51,8 @@ def _sqrt_psd(matrix: Tensor) -> Tensor:
 
 class GenerationMetrics:
     """FID and KID of generated sets against one real set, whose Inception statistics are computed once."""
-
     def __init__(self, real_images: Tensor, kid_subset_size: int = 1000, seed: int = 0):
         """`real_images` [N, 3, H, W] in [-1, 1], N >= 2; KID subsets are drawn from `seed`."""
-        from tokenline.eval.fid_inception import inception_features
-
         _check_images(real_images, "real")
         self.real_count = len(real_images)
         self.kid_subset_size = min(kid_subset_size, self.real_count)

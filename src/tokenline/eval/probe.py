@@ -48,8 +48,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from tokenline.eval.probe_config import ProbeTrainConfig
-from tokenline.model_checkpoint import load_model, save_model
+from tokenline.model_checkpoint import config_from_dict, load_model, save_model
+from tokenline.train_config import ProbeTrainConfig
 from tokenline.training import cosine_with_warmup
 
 __all__ = [
@@ -107,10 +107,7 @@ class ProbeConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ProbeConfig:
         """The config from to_dict's output; unknown fields are an error."""
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown probe config fields: {sorted(unknown)}")
-        return cls(**values)
+        return config_from_dict(cls, values, "probe")
 
 
 class AlignmentProbe(nn.Module):

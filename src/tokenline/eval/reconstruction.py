@@ -22,6 +22,8 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from tokenline.data.stages import iter_shard_samples
+from tokenline.eval.fid_inception import frechet_inception_distance
 from tokenline.tokenizer.pixels import batched, image_to_tensor, tensor_to_image
 
 __all__ = ["code_statistics", "evaluate_reconstruction", "image_metrics"]
@@ -65,7 +67,10 @@ def image_metrics(originals: Tensor, reconstructions: Tensor, fid: bool = True) 
     #            eigenvalues of their product, some of which come out as tiny negative/complex round-off.
     #   rfid_note  only when rfid is None for lack of images: why.
     #   samples  N.
-    from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+    from torchmetrics.image import (
+        PeakSignalNoiseRatio,
+        StructuralSimilarityIndexMeasure,
+    )
 
     _check_pair(originals, reconstructions)
     count = len(originals)
@@ -94,7 +99,6 @@ def image_metrics(originals: Tensor, reconstructions: Tensor, fid: bool = True) 
         # rFID on a val split of a few hundred images is biased upward against the usual 50k-image protocol
         # (FID's bias grows as the sample shrinks, and 2048-d covariances from so few images are low-rank),
         # so it is comparable only between runs that use the same val split, never with published numbers.
-        from tokenline.eval.fid_inception import frechet_inception_distance
 
         metric = frechet_inception_distance(feature=2048, normalize=True)  # normalize: float input in [0, 1]
         with torch.no_grad():
@@ -202,7 +206,6 @@ def evaluate_reconstruction(
     # text_for(captions) returns the tokenizer's text argument for a batch (text-conditioned tokenizers), or
     # None. The grid image holds the first `grid` originals above their reconstructions; it is None when
     # grid <= 0. A split without samples is an error: metrics over nothing would be silently meaningless.
-    from tokenline.data.stages import iter_shard_samples
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -94,7 +94,9 @@ def format_cell(value) -> str:
 
 def sweep_plot_svg(title: str, series: dict[str, list[dict]], x: str, y: str) -> str:
     """An inline SVG line plot of `y` against `x`, one line per dataset (name -> rows)."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+    from matplotlib.figure import (
+        Figure,  # no pyplot: no global state, no display needed
+    )
 
     figure = Figure(figsize=(5.0, 3.2), layout="constrained")
     axes = figure.add_subplot()

@@ -1,20 +1,50 @@
-"""The eval stages of the lineage: `probe` (train the text-alignment probe) and `gen_eval` (score a generator)."""
+"""The eval stages of the lineage: `recon_eval` (measure the tokenizer), `probe` (train the text-alignment probe),
+`gen_eval` (score a generator) and `report` (the HTML report over every dataset)."""
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from tokenline.artifacts import atomic_write_bytes, atomic_write_json, read_manifest
-from tokenline.data.stages import iter_shard_samples
-from tokenline.pipeline import StageContext, StageResult
-from tokenline.tokenizer.caption_text import cached_text_encoder, caption_map
+from tokenline.artifacts import (
+    atomic_write_bytes,
+    atomic_write_json,
+    git_commit,
+    read_manifest,
+)
+from tokenline.contact_sheet import png_bytes
+from tokenline.data.shards import iter_shard_samples
+from tokenline.eval import checks as eval_checks
+from tokenline.eval.clip_score import ClipScorer
+from tokenline.eval.compositional import score_images
+from tokenline.eval.generation import GenerationMetrics
+from tokenline.eval.probe import (
+    ProbeConfig,
+    load_probe,
+    probe_scores,
+    save_probe,
+    train_probe,
+)
+from tokenline.eval.reconstruction import evaluate_reconstruction
+from tokenline.eval.report import DatasetSection, render_report, report_row
+from tokenline.generator.checkpoint import check_pairing, load_generator
+from tokenline.generator.generate import SamplingOptions, generate_images
+from tokenline.stage import AssetCheck, PlotSpec, Stage, StageContext, StageResult
+from tokenline.text.captions import cached_text_encoder, caption_map
+from tokenline.tokenizer.model import Tokenizer1D
 from tokenline.tokenizer.pixels import samples_to_batch, tensor_to_image
+from tokenline.tokenizer.stages import (
+    RECONSTRUCTIONS,
+    caption_texts,
+    reconstruction_pairs,
+)
 
 TRAINING = "training.json"
 METRICS = "metrics.json"  # gen_eval's report inside its output folder (the report stage reads it)
@@ -49,8 +79,6 @@ def reference_samples_split(ctx: StageContext, split: str) -> list[dict]:
 
 def probe(ctx: StageContext) -> StageResult:
     """Train the LiT-style alignment probe on the real train images against the frozen caption embeddings."""
-    from tokenline.eval.probe import ProbeConfig, probe_scores, save_probe, train_probe
-
     p = ctx.params.probe
     size = ctx.params.data.resolution
     samples = reference_samples_split(ctx, "train")
@@ -93,100 +121,123 @@ def retrieval_previews(model, samples: list[dict], encoder, size: int) -> list[t
 
 def _timed_generation(generator, tokenizer, prompts: list[str], encoder, options) -> tuple[Tensor, float, int]:
     """(images, milliseconds per image, network evaluations per batch) of one sampling setup."""
-    from tokenline.generator.generate import generate_images
-
     started = time.perf_counter()
     images, nfe = generate_images(generator, tokenizer, prompts, encoder, options)
     return images, 1000.0 * (time.perf_counter() - started) / max(1, len(prompts)), nfe
 
 
-def gen_eval(ctx: StageContext) -> StageResult:
-    """FID/KID against real images, probe alignment, shapes accuracy and the steps/guidance/sampler sweeps."""
-    from dataclasses import replace
+@dataclass
+class Subject:
+    """What gen_eval scores and against what: the generator, its tokenizer and text encoder, the real images and their captions."""
+    generator: Any
+    tokenizer: Tokenizer1D
+    encoder: Any
+    prompts: list[str]
+    real: Tensor  # the reference images, [-1, 1]
+    base: SamplingOptions  # the profile's sampling setup
 
-    from tokenline.eval.generation import GenerationMetrics
-    from tokenline.eval.probe import load_probe, probe_scores
-    from tokenline.generator.checkpoint import check_pairing, load_generator
-    from tokenline.generator.generate import SamplingOptions, generate_images
-    from tokenline.tokenizer.model import Tokenizer1D
+    def generate(self, options: SamplingOptions, prompts: list[str] | None = None) -> tuple[Tensor, float, int]:
+        """Images for `prompts` (default: the reference captions) with their ms per image and NFE."""
+        return _timed_generation(self.generator, self.tokenizer, prompts or self.prompts, self.encoder, options)
 
+
+def probe_alignment(subject: Subject, images: Tensor, probe_dir: Path, group_size: int) -> tuple[dict, int]:
+    """Probe score and R@1 of the generated images, and of the real ones (the ceiling); returns (figures, group)."""
+    probe_model = load_probe(probe_dir)
+    pooled = subject.encoder.encode(subject.prompts).pooled.float()
+    group = min(group_size, len(subject.prompts))
+    generated = probe_scores(probe_model, images, pooled, group=group)
+    real = probe_scores(probe_model, subject.real, pooled, group=group)
+    return {"probe_score": generated["probe_score"], "probe_r1": generated["probe_r1"],
+            "probe_score_real": real["probe_score"], "probe_r1_real": real["probe_r1"]}, group
+
+
+def clip_alignment(subject: Subject, images: Tensor, p, root: Path) -> tuple[dict, str]:
+    """CLIPScore of generated and real images with the profile's local OpenCLIP weights; returns (figures, protocol)."""
+    weights = p.clip_weights if Path(p.clip_weights).is_absolute() else root / p.clip_weights
+    scorer = ClipScorer(p.clip_model, weights, preprocess_tag=p.clip_preprocess)
+    figures = scorer.score(images, subject.prompts)
+    figures["clip_score_real"] = scorer.score(subject.real, subject.prompts)["clip_score"]
+    return figures, scorer.protocol()
+
+
+def shapes_accuracy(images: Tensor, prompts: list[str]) -> dict:
+    """The compositional checker's accuracies (colour, shape, count, position) and their breakdowns."""
+    shapes = score_images([tensor_to_image(image) for image in images], prompts)
+    figures = {key: shapes[key] for key in ("shapes_color_acc", "shapes_shape_acc", "shapes_count_acc", "shapes_position_acc")}
+    return figures | {f"shapes_{group}": shapes[group] for group in ("by_count", "by_object", "by_relation")}
+
+
+def sampling_sweeps(subject: Subject, metrics: GenerationMetrics, p, base_figures: dict) -> dict[str, list[dict]]:
+    """FID, ms/image and NFE against steps, guidance and (flow) sampler; a repeated setting is measured once."""
+    measured: dict[str, dict] = {json.dumps(subject.base.describe()): base_figures}
+
+    def measure(options: SamplingOptions) -> dict:
+        key = json.dumps(options.describe())
+        if key not in measured:
+            swept, ms, nfe = subject.generate(options)
+            measured[key] = {"fid": metrics.score(swept)["fid"], "ms_per_image": ms, "nfe": nfe}
+        return measured[key]
+
+    base = subject.base
+    samplers = p.samplers if subject.generator.config.objective == "flow" else []
+    return {
+        "steps": [{"steps": steps, **measure(replace(base, steps=steps))} for steps in p.steps_sweep],
+        "guidance": [{"guidance": scale, **measure(replace(base, guidance=scale))} for scale in p.guidance_sweep],
+        "samplers": [{"sampler": sampler, "steps": base.steps, **measure(replace(base, sampler=sampler))} for sampler in samplers],
+    }
+
+
+def _load_subject(ctx: StageContext) -> tuple[Subject, list[dict], str]:
+    """The paired generator and tokenizer, the text encoder and the reference set; also the samples and the tokenizer hash."""
     p = ctx.params.gen_eval
     generator_dir, tokenizer_dir = ctx.inputs["generator"], ctx.inputs["tokenizer"]
     tokenizer_hash = read_manifest(tokenizer_dir)["content_hash"]
     check_pairing(generator_dir, tokenizer_dir, tokenizer_hash)
-    generator = load_generator(generator_dir)
     tokenizer = Tokenizer1D.from_checkpoint(tokenizer_dir)
-    encoder = cached_text_encoder(ctx.root, ctx.params)
     samples = reference_samples(ctx, p.samples)
     if len(samples) < 2:
         raise ValueError(f"gen_eval needs at least 2 real images in {ctx.inputs['shards']}, found {len(samples)}")
-    prompts = [s["caption"] for s in samples]
-    real = samples_to_batch(samples, tokenizer.config.image_size)
-    metrics = GenerationMetrics(real, kid_subset_size=p.kid_subset_size)
-    base = SamplingOptions(**ctx.params.generator.sample.model_dump())
+    subject = Subject(load_generator(generator_dir), tokenizer, cached_text_encoder(ctx.root, ctx.params),
+                      [s["caption"] for s in samples], samples_to_batch(samples, tokenizer.config.image_size),
+                      SamplingOptions(**ctx.params.generator.sample.model_dump()))
+    return subject, samples, tokenizer_hash
 
-    images, ms, nfe = _timed_generation(generator, tokenizer, prompts, encoder, base)
+
+def gen_eval(ctx: StageContext) -> StageResult:
+    """FID/KID against real images, probe alignment, shapes accuracy and the steps/guidance/sampler sweeps."""
+    p = ctx.params.gen_eval
+    subject, samples, tokenizer_hash = _load_subject(ctx)
+    metrics = GenerationMetrics(subject.real, kid_subset_size=p.kid_subset_size)
+    images, ms, nfe = subject.generate(subject.base)
     report: dict[str, Any] = {**metrics.score(images), "ms_per_image": ms, "nfe": nfe}
-
-    probe_model = load_probe(ctx.inputs["probe"])
-    pooled = encoder.encode(prompts).pooled.float()
-    group = min(p.probe_group, len(samples))
-    generated_scores = probe_scores(probe_model, images, pooled, group=group)
-    real_scores = probe_scores(probe_model, real, pooled, group=group)
-    report |= {"probe_score": generated_scores["probe_score"], "probe_r1": generated_scores["probe_r1"],
-               "probe_score_real": real_scores["probe_score"], "probe_r1_real": real_scores["probe_r1"]}
-
+    alignment, group = probe_alignment(subject, images, ctx.inputs["probe"], p.probe_group)
+    report |= alignment
+    clip_protocol = None
     if p.clip_weights:
-        from tokenline.eval.clip_score import ClipScorer
-
-        weights = p.clip_weights if Path(p.clip_weights).is_absolute() else ctx.root / p.clip_weights
-        scorer = ClipScorer(p.clip_model, weights, preprocess_tag=p.clip_preprocess)
-        report |= scorer.score(images, prompts)
-        report["clip_score_real"] = scorer.score(real, prompts)["clip_score"]
-        clip_protocol = scorer.protocol()
-
+        clip_figures, clip_protocol = clip_alignment(subject, images, p, ctx.root)
+        report |= clip_figures
     if ctx.params.dataset(ctx.dataset).source == "shapes":
-        from tokenline.eval.compositional import score_images
-
-        shapes = score_images([tensor_to_image(image) for image in images], prompts)
-        report |= {key: shapes[key] for key in ("shapes_color_acc", "shapes_shape_acc", "shapes_count_acc", "shapes_position_acc")}
-        report |= {f"shapes_{group}": shapes[group] for group in ("by_count", "by_object", "by_relation")}
-
-    # A sweep point that repeats the base setting (or another point) reuses its measurement.
-    measured: dict[str, dict] = {json.dumps(base.describe()): {"fid": report["fid"], "ms_per_image": report["ms_per_image"], "nfe": report["nfe"]}}
-
-    def measure(options) -> dict:
-        key = json.dumps(options.describe())
-        if key not in measured:
-            swept, ms, nfe = _timed_generation(generator, tokenizer, prompts, encoder, options)
-            measured[key] = {"fid": metrics.score(swept)["fid"], "ms_per_image": ms, "nfe": nfe}
-        return measured[key]
-
-    objective = generator.config.objective
-    sweeps: dict[str, list[dict]] = {
-        "steps": [{"steps": steps, **measure(replace(base, steps=steps))} for steps in p.steps_sweep],
-        "guidance": [{"guidance": scale, **measure(replace(base, guidance=scale))} for scale in p.guidance_sweep],
-        "samplers": [{"sampler": sampler, "steps": base.steps, **measure(replace(base, sampler=sampler))}
-                     for sampler in (p.samplers if objective == "flow" else [])],
-    }
+        report |= shapes_accuracy(images, subject.prompts)
+    sweeps = sampling_sweeps(subject, metrics, p, {key: report[key] for key in ("fid", "ms_per_image", "nfe")})
     report["sweeps"] = sweeps
     report["protocol"] = {
         "samples": len(samples), "reference": "val split first, then train; prompts are their captions",
-        "objective": objective, **base.describe(), "fid": metrics.protocol(),
+        "objective": subject.generator.config.objective, **subject.base.describe(), "fid": metrics.protocol(),
         "probe": f"LiT probe ({ctx.inputs['probe'].relative_to(ctx.root)}); R@1 among groups of {group}",
-        **({"clip_score": clip_protocol} if p.clip_weights else {}),
+        **({"clip_score": clip_protocol} if clip_protocol else {}),
         "ms_per_image": f"wall time of prompt encoding, sampling and decoding in batches of 64 on "
                         f"{'CUDA' if torch.cuda.is_available() else 'CPU'}, {torch.get_num_threads()} threads",
     }
+    generator_dir, tokenizer_dir = ctx.inputs["generator"], ctx.inputs["tokenizer"]
     report |= {"generator": str(generator_dir.relative_to(ctx.root)), "generator_hash": read_manifest(generator_dir)["content_hash"],
                "tokenizer": str(tokenizer_dir.relative_to(ctx.root)), "tokenizer_hash": tokenizer_hash}
-    sets = {"eval captions": (prompts[: p.grid_images], images[: p.grid_images])}
+    sets = {"eval captions": (subject.prompts[: p.grid_images], images[: p.grid_images])}
     for name, set_prompts in p.prompt_sets.items():
-        set_images, _ = generate_images(generator, tokenizer, set_prompts, encoder, base)
-        sets[name] = (set_prompts, set_images)
+        sets[name] = (set_prompts, subject.generate(subject.base, set_prompts)[0])
     report["prompt_sets"] = save_prompt_sets(ctx.outputs["gen_eval"], sets)
     atomic_write_json(ctx.outputs["gen_eval"] / METRICS, report)
-    previews = [(tensor_to_image(image), prompt) for image, prompt in zip(images[: ctx.params.tracking.contact_sheet], prompts)]
+    previews = [(tensor_to_image(image), prompt) for image, prompt in zip(images[: ctx.params.tracking.contact_sheet], subject.prompts)]
     numbers = {key: float(value) for key, value in report.items()
                if isinstance(value, (int, float)) and not isinstance(value, bool)}
     plots = {"fid_vs_steps": sweeps["steps"], "fid_vs_guidance": sweeps["guidance"], "ms_vs_steps": sweeps["steps"]}
@@ -195,8 +246,6 @@ def gen_eval(ctx: StageContext) -> StageResult:
 
 def save_prompt_sets(folder, sets: dict[str, tuple[list[str], Tensor]]) -> dict[str, list[dict]]:
     """Write each prompt set's images as PNGs under folder/samples/; returns set name -> [{prompt, file}]."""
-    from tokenline.contact_sheet import png_bytes
-
     index: dict[str, list[dict]] = {}
     for number, (name, (set_prompts, set_images)) in enumerate(sets.items()):
         index[name] = []
@@ -214,9 +263,6 @@ def save_prompt_sets(folder, sets: dict[str, tuple[list[str], Tensor]]) -> dict[
 
 def report(ctx: StageContext) -> StageResult:
     """One HTML report over every active dataset from its gen_eval and recon_eval outputs."""
-    from tokenline.artifacts import git_commit
-    from tokenline.eval.report import DatasetSection, render_report, report_row
-
     sections = []
     for name, folders in ctx.dataset_inputs.items():
         gen = json.loads((folders["gen_eval"] / METRICS).read_text())
@@ -231,3 +277,117 @@ def report(ctx: StageContext) -> StageResult:
     atomic_write_json(ctx.outputs["report"] / "summary.json", {"rows": rows})
     images = sum(len(items) for section in sections for items in section.prompt_sets.values())
     return StageResult(counts={"datasets": len(sections), "images": images}, html=html)
+
+
+# --------------------------------------------------------------------------------------
+# recon_eval
+# --------------------------------------------------------------------------------------
+
+
+def recon_eval(ctx: StageContext) -> StageResult:
+    """PSNR, SSIM, rFID, tokens/bits per image and code usage of the tokenizer on the val split."""
+    options = ctx.params.recon_eval
+    tokenizer_dir = ctx.inputs["tokenizer"]
+    model = Tokenizer1D.from_checkpoint(tokenizer_dir)
+    texts = caption_texts(ctx, model.config.text_tokens) if model.config.text_dim else None
+    index = read_manifest(ctx.inputs["shards"])["counts"]
+    # The val split is the protocol; a dataset too small to have one falls back to train, and says so.
+    split = "val" if index.get("val", 0) >= 2 else "train"
+    metrics, grid = evaluate_reconstruction(
+        model, ctx.inputs["shards"], split=split,
+        text_for=(lambda captions: texts.encode(captions)) if texts is not None else None,
+        max_samples=options.max_samples, grid=options.grid,
+    )
+    report = {
+        **metrics,
+        "tokenizer": str(tokenizer_dir.relative_to(ctx.root)),
+        "tokenizer_hash": read_manifest(tokenizer_dir)["content_hash"],
+        "quantizer": model.config.quantizer,
+        "text_conditioning": bool(model.config.text_dim),
+        "protocol": f"{metrics['samples']} {split} images at {model.config.image_size} px; rFID: offline "
+        "FID Inception (2048-d pool) of reconstructions vs originals",
+    }
+    out = ctx.outputs["recon_eval"]
+    atomic_write_json(out / "metrics.json", report)
+    if grid is not None:
+        atomic_write_bytes(out / RECONSTRUCTIONS, png_bytes(grid))
+        ctx.tracker.log_image(grid, f"samples/{RECONSTRUCTIONS}")
+    samples = reconstruction_pairs(model, ctx, texts, max(1, ctx.params.tracking.contact_sheet // 2))
+    numbers = {key: float(value) for key, value in metrics.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)}
+    return StageResult(counts={"samples": int(metrics["samples"])}, metrics=numbers, report=report, samples=samples)
+
+
+# --------------------------------------------------------------------------------------
+# The registry entries of this area (pipeline.py lists them)
+# --------------------------------------------------------------------------------------
+
+# The tokenizer's own eval: listed in the registry right after the tokenizer stages, as DVC and
+# Dagster have always shown it.
+TOKENIZER_EVAL_STAGES = (
+    Stage(
+        name="recon_eval",
+        func=recon_eval,  # declared here, where its metrics live; grouped with the tokenizer it measures
+        area="tokenizer",
+        description="Reconstruction metrics on the val split: PSNR, SSIM, rFID (offline FID "
+        "Inception), tokens and bits per image, code usage.",
+        inputs=("tokenizer", "shards", "captions"),
+        outputs=("recon_eval",),
+        code=("text", "eval"),
+        params=("tokenizer", "recon_eval"),
+        report=True,
+        checks=(
+            AssetCheck("rfid_below_threshold", "recon_eval", "rFID <= recon_eval.max_rfid", eval_checks.rfid_below_threshold),
+            AssetCheck("code_usage", "recon_eval", "code usage >= recon_eval.min_code_usage (discrete quantizers)", eval_checks.code_usage),
+        ),
+    ),
+)
+
+STAGES = (
+    Stage(
+        name="probe",
+        func=probe,
+        area="eval",
+        description="Text-alignment probe: a small open_clip ViT trained contrastively against the frozen "
+        "caption encoder on the real train images (LiT, text side locked), for probe_score and R@1.",
+        inputs=("shards", "captions"),
+        outputs=("probe",),
+        models=("probe",),
+        code=("text", "tokenizer"),
+        params=("data", "tokenizer", "probe"),
+    ),
+    Stage(
+        name="gen_eval",
+        func=gen_eval,
+        area="eval",
+        description="Generation eval: FID/KID vs real images (offline FID Inception), probe alignment of "
+        "generated vs real images, shapes compositional accuracy, and FID/ms per image vs steps, guidance "
+        "and sampler.",
+        inputs=("generator", "tokenizer", "probe", "shards", "captions"),
+        outputs=("gen_eval",),
+        code=("generator", "tokenizer", "text"),
+        params=("generator", "gen_eval"),
+        report=True,
+        plots=(
+            PlotSpec("fid_vs_steps", "steps", "fid", "FID vs sampling steps"),
+            PlotSpec("fid_vs_guidance", "guidance", "fid", "FID vs guidance scale"),
+            PlotSpec("ms_vs_steps", "steps", "ms_per_image", "milliseconds per image vs sampling steps"),
+        ),
+        checks=(
+            AssetCheck("fid_below_threshold", "gen_eval", "FID <= gen_eval.max_fid", eval_checks.fid_below_threshold),
+        ),
+    ),
+    Stage(
+        name="report",
+        func=report,
+        area="eval",
+        description="One self-contained HTML report over every active dataset (data/reports/report.html): "
+        "sample grids per prompt set, the metrics table naming its tokenizer and generator checkpoints, "
+        "and plots of FID vs steps, FID vs guidance and ms/image vs steps.",
+        inputs=("gen_eval", "recon_eval"),
+        outputs=("report",),
+        params=("report",),
+        scope="project",
+        html=True,
+    ),
+)

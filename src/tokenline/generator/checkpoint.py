@@ -5,8 +5,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tokenline.generator.model import FlowTransformer, GeneratorConfig, MaskedTransformer, build_generator
+from tokenline.generator.model import (
+    FlowTransformer,
+    GeneratorConfig,
+    MaskedTransformer,
+    build_generator,
+)
 from tokenline.model_checkpoint import load_model, read_config, save_model
+from tokenline.tokenizer.model import TokenizerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +54,6 @@ def check_pairing(generator_dir: str | Path, tokenizer_dir: str | Path, tokenize
     A matching shape with another tokenizer hash is allowed with a warning: the generator reads
     those tokens, but it learned another tokenizer's.
     """
-    from tokenline.tokenizer.model import TokenizerConfig
 
     generator = read_config(generator_dir, GeneratorConfig.from_dict, "generator")
     tokenizer = read_config(tokenizer_dir, TokenizerConfig.from_dict, "tokenizer")

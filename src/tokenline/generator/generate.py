@@ -19,8 +19,12 @@ from torch import Tensor
 
 from tokenline.generator.masked_decoding import decode_masked, guided_logits
 from tokenline.generator.model import FlowTransformer, MaskedTransformer, TextBatch
-from tokenline.generator.samplers import CountingVelocity, build_sampler, guided_velocity
-from tokenline.tokenizer.caption_text import cut_or_pad
+from tokenline.generator.samplers import (
+    CountingVelocity,
+    build_sampler,
+    guided_velocity,
+)
+from tokenline.text.captions import cut_or_pad
 
 MAX_PROMPT_CHARS = 4096  # longer prompts are cut before tokenization (the encoder keeps far fewer tokens)
 

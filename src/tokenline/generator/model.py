@@ -15,13 +15,15 @@ asks for the unconditional prediction.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+
+from tokenline.model_checkpoint import config_from_dict
 
 OBJECTIVES = ("flow", "masked")
 TEXT_MODES = ("cross", "context")
@@ -77,10 +79,7 @@ class GeneratorConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> GeneratorConfig:
         """The config from to_dict's output; unknown fields are an error."""
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown generator config fields: {sorted(unknown)}")
-        return cls(**values)
+        return config_from_dict(cls, values, "generator")
 
 
 @dataclass

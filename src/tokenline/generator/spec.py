@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from tokenline.config import Params
+from tokenline.config import Params
+from tokenline.generator.model import SIZE_DEFAULTS, GeneratorConfig
 
 
 def objective_for(params: Params, quantizer: str) -> str:
@@ -20,8 +20,6 @@ def objective_for(params: Params, quantizer: str) -> str:
 
 def generator_config_values(params: Params, cache_meta: dict[str, Any]) -> dict[str, Any]:
     """GeneratorConfig fields: the named size, generator.model, then what the token cache fixes."""
-    from tokenline.generator.model import SIZE_DEFAULTS
-
     p = params.generator
     quantizer = cache_meta["quantizer"]
     return {
@@ -43,8 +41,6 @@ def generator_config_values(params: Params, cache_meta: dict[str, Any]) -> dict[
 
 def check_generator_params(params: Params) -> None:
     """Build a config from params with the tokenizer's shapes, so a bad size or head count fails by name."""
-    from tokenline.generator.model import GeneratorConfig
-
     t = params.tokenizer
     meta = {
         "quantizer": t.quantizer, "num_tokens": t.num_tokens, "token_dim": 1, "codebook_size": 2,

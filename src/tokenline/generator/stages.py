@@ -7,7 +7,18 @@ import shutil
 import torch
 
 from tokenline.artifacts import atomic_write_json, read_manifest
-from tokenline.pipeline import INIT, StageContext, StageResult, work_path
+from tokenline.generator import checks as generator_checks
+from tokenline.generator.checkpoint import check_pairing, load_generator
+from tokenline.generator.generate import SamplingOptions, generate_images
+from tokenline.generator.model import GeneratorConfig, build_generator, num_params
+from tokenline.generator.spec import generator_config_values
+from tokenline.generator.train import CHECKPOINT, train_generator
+from tokenline.layout import work_path
+from tokenline.model_checkpoint import read_config, start_from_checkpoint
+from tokenline.stage import INIT, AssetCheck, Stage, StageContext, StageResult
+from tokenline.text.captions import cached_text_encoder
+from tokenline.tokenizer.model import Tokenizer1D
+from tokenline.tokenizer.pixels import tensor_to_image
 from tokenline.tokenizer.token_cache import TokenCache
 from tokenline.training import seed_everything
 
@@ -26,16 +37,6 @@ def preview_prompts(ctx: StageContext, cache: TokenCache) -> list[str]:
 
 def generator(ctx: StageContext) -> StageResult:
     """Train the generator params describe on the token cache; write its EMA checkpoint and sample previews."""
-    from tokenline.generator.checkpoint import check_pairing, load_generator
-    from tokenline.generator.generate import SamplingOptions, generate_images
-    from tokenline.generator.model import GeneratorConfig, build_generator, num_params
-    from tokenline.generator.spec import generator_config_values
-    from tokenline.generator.train import CHECKPOINT, train_generator
-    from tokenline.model_checkpoint import read_config, start_from_checkpoint
-    from tokenline.tokenizer.caption_text import cached_text_encoder
-    from tokenline.tokenizer.model import Tokenizer1D
-    from tokenline.tokenizer.pixels import tensor_to_image
-
     p = ctx.params.generator
     tokenizer_dir = ctx.inputs["tokenizer"]
     tokenizer_hash = read_manifest(tokenizer_dir)["content_hash"]
@@ -82,3 +83,28 @@ def generator(ctx: StageContext) -> StageResult:
     metrics = {key: float(summary[key]) for key in ("final_loss", "samples_per_s", "wall_time_s")}
     return StageResult(counts={"steps": int(summary["steps"]), "params": num_params(trained)},
                        metrics=metrics, samples=samples)
+
+
+# --------------------------------------------------------------------------------------
+# The registry entries of this area (pipeline.py lists them)
+# --------------------------------------------------------------------------------------
+
+STAGES = (
+    Stage(
+        name="generator",
+        func=generator,
+        area="generator",
+        description="Train the text-to-token generator on the token cache: a flow transformer over "
+        "latents (kl, softvq, binary) or a masked transformer over vq codes; EMA weights in "
+        "models/<dataset>/generator, sample grid from val captions.",
+        inputs=("tokens", "tokenizer"),
+        outputs=("generator",),
+        models=("generator",),
+        code=("tokenizer", "text"),
+        params=("generator",),
+        init_from="generator",
+        checks=(
+            AssetCheck("finite_weights", "generator", "every generator weight is finite", generator_checks.finite_weights),
+        ),
+    ),
+)

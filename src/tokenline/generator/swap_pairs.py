@@ -13,11 +13,12 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from tokenline.data.shapes_captions import swapped_caption
+
 
 def swap_partners(captions: Sequence[str], swap: Callable[[str], str | None] | None = None) -> Tensor:
     """For each caption, the first row holding its swap, or -1 where no row does: int64 [len(captions)]."""
-    if swap is None:
-        from tokenline.eval.compositional import swapped_caption as swap
+    swap = swap or swapped_caption
     first_row: dict[str, int] = {}
     for row, caption in enumerate(captions):
         first_row.setdefault(caption, row)

@@ -13,7 +13,6 @@ whatever the split's length, which DDP needs.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
@@ -24,10 +23,15 @@ from torch import Tensor
 from tokenline.artifacts import atomic_dir
 from tokenline.generator.checkpoint import save_generator
 from tokenline.generator.model import FlowTransformer, MaskedTransformer, TextBatch
-from tokenline.generator.objectives import SwapTerm, flow_matching_loss, flow_matching_swap_loss, masked_token_loss
+from tokenline.generator.objectives import (
+    SwapTerm,
+    flow_matching_loss,
+    flow_matching_swap_loss,
+    masked_token_loss,
+)
 from tokenline.generator.swap_pairs import require_partners, swap_partners
-from tokenline.generator.train_config import GeneratorTrainConfig
 from tokenline.tokenizer.token_cache import TokenCache
+from tokenline.train_config import GeneratorTrainConfig
 from tokenline.training import (
     EMA_WEIGHTS,
     MODEL_CONFIG,
@@ -36,13 +40,12 @@ from tokenline.training import (
     PROGRESS,
     SCHEDULER,
     TRAIN_CONFIG,
-    EMA,
     RunProgress,
     StepLoop,
     apply_gradients,
-    cosine_with_warmup,
+    begin_training,
     restore_run,
-    start_run,
+    training_summary,
     write_state_folder,
 )
 
@@ -83,6 +86,28 @@ def text_batch(rows: dict[str, Tensor], device=None) -> TextBatch:
     return TextBatch(rows["text_tokens"], rows["text_mask"], rows["text_pooled"]).to(device)
 
 
+def _generator_loss(model, raw_model, rows: dict[str, Tensor], text: TextBatch, drop: Tensor, config: GeneratorTrainConfig,
+                    cache: TokenCache, partners: Tensor | None, swap_term: SwapTerm | None, device) -> tuple[Tensor, dict[str, Tensor]]:
+    """One step's loss (flow matching, with the swap term when on, or masked tokens) and the extra terms to log.
+
+    With the swap term, the extras are `flow_loss` and `swap_gap` (the step's mean gap: swapped-caption
+    loss minus true-caption loss, when any row has a swap).
+    """
+    if swap_term is not None:
+        x0 = raw_model.normalize(rows["latents"].to(device))
+        partner = partners[rows["index"]]
+        has_swap = partner >= 0
+        # Rows without a swap read their own caption here; the loss ignores them.
+        swapped = text_batch(cache.rows(torch.where(has_swap, partner, rows["index"])), device)
+        loss, flow_loss, swap_gap = flow_matching_swap_loss(
+            model, x0, text, drop, swapped, has_swap.to(device), swap_term, config.time_mean, config.time_std)
+        return loss, {"flow_loss": flow_loss} | ({"swap_gap": swap_gap} if swap_gap is not None else {})
+    if isinstance(raw_model, FlowTransformer):
+        x0 = raw_model.normalize(rows["latents"].to(device))
+        return flow_matching_loss(model, x0, text, drop, config.time_mean, config.time_std), {}
+    return masked_token_loss(model, rows["codes"].to(device), text, drop, config.replace_prob), {}
+
+
 def train_generator(
     model: FlowTransformer | MaskedTransformer,
     cache: TokenCache,
@@ -93,9 +118,6 @@ def train_generator(
     log_fn: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
     """Train `model` on a token cache split; returns steps, final_loss, samples_per_s, wall_time_s."""
-    from accelerate import Accelerator
-
-    started = time.perf_counter()
     out_dir = Path(out_dir)
     state_dir = out_dir / STATE
     flow = isinstance(model, FlowTransformer)
@@ -103,20 +125,15 @@ def train_generator(
         raise ValueError(f"a masked generator trains on codes; the token cache at {cache.folder} has none "
                          f"(quantizer {cache.meta['quantizer']!r})")
     swap_term = SwapTerm(config.swap_weight, config.swap_temperature, config.swap_min_t) if config.swap_weight > 0 else None
+    partners = None  # for each cache row, the row captioned by its swap (swap term only)
     if swap_term is not None:
         if not flow:
             raise ValueError("generator.train.swap_weight > 0 contrasts flow losses; a masked generator has none "
                              "(set swap_weight 0)")
         partners = swap_partners(cache.captions)
         require_partners(partners, f"{cache.folder} ({cache.split})")
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
-
-    begun = start_run(model, state_dir, config, resume, force, "generator")
-
-    model.train()
-    ema = EMA(model, config.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = cosine_with_warmup(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
+    run = begin_training(model, state_dir, config, resume, force, "generator")
+    accelerator, begun, ema, optimizer, scheduler = run.accelerator, run.begun, run.ema, run.optimizer, run.scheduler
     if resume:
         restore_run(state_dir, ema, optimizer, scheduler, config.lr, config.weight_decay)
 
@@ -148,22 +165,9 @@ def train_generator(
         # Caption dropout from the global RNG, which the state folder restores on resume.
         drop = torch.rand(len(text)) < config.caption_dropout
         drop = drop.to(accelerator.device)
-        swap_gap = None
         with accelerator.autocast():
-            if flow:
-                x0 = raw_model.normalize(rows["latents"].to(accelerator.device))
-            if swap_term is not None:
-                partner = partners[rows["index"]]
-                has_swap = partner >= 0
-                # Rows without a swap read their own caption here; the loss ignores them.
-                swapped = text_batch(cache.rows(torch.where(has_swap, partner, rows["index"])), accelerator.device)
-                loss, flow_loss, swap_gap = flow_matching_swap_loss(
-                    model, x0, text, drop, swapped, has_swap.to(accelerator.device), swap_term,
-                    config.time_mean, config.time_std)
-            elif flow:
-                loss = flow_matching_loss(model, x0, text, drop, config.time_mean, config.time_std)
-            else:
-                loss = masked_token_loss(model, rows["codes"].to(accelerator.device), text, drop, config.replace_prob)
+            loss, extra = _generator_loss(model, raw_model, rows, text, drop, config, cache, partners, swap_term,
+                                          accelerator.device)
         loop.refuse_non_finite(loss)
         accelerator.backward(loss)
         lr, grad_norm = apply_gradients(accelerator, model, optimizer, scheduler, config.grad_clip)
@@ -171,20 +175,10 @@ def train_generator(
         loop.advance(loss.item(), samples_per_step)
 
         if log_fn is not None and loop.log_due() and accelerator.is_main_process:
-            metrics = {"loss": loop.progress.loss, "lr": lr}
+            metrics = {"loss": loop.progress.loss, "lr": lr} | {name: value.item() for name, value in extra.items()}
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
-            if swap_term is not None:
-                metrics["flow_loss"] = flow_loss.item()
-                if swap_gap is not None:  # the last step's mean gap: swapped-caption loss minus true-caption loss
-                    metrics["swap_gap"] = swap_gap.item()
             metrics["samples_per_s"] = loop.interval_rate()
             log_fn(loop.step, metrics)
         loop.checkpoint_if_due()
-    samples_per_s = loop.finish()
-    return {
-        "steps": loop.step,
-        "final_loss": loop.progress.loss,
-        "samples_per_s": samples_per_s,
-        "wall_time_s": time.perf_counter() - started,
-    }
+    return training_summary(loop, run, "samples_per_s")

@@ -1,10 +1,10 @@
 """Frozen text encoders: offline MiniLM by default, OpenCLIP by path."""
 
+from tokenline.text.embedding_cache import TextEmbeddingCache
 from tokenline.text.encoder import (
     ENCODER_KINDS,
     MiniLMEncoder,
     OpenCLIPTextEncoder,
-    TextEmbeddingCache,
     TextEncoder,
     TextEncoding,
     build_text_encoder,

@@ -12,7 +12,6 @@ from pathlib import Path
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
@@ -138,6 +137,8 @@ class VGGPerceptualLoss(nn.Module):
 
     def __init__(self, weights: str | Path):
         super().__init__()
+        import torchvision  # heavy (about 3 s to import) and only needed when VGG weights are given
+
         path = Path(weights)
         # On the meta device: vgg16() would otherwise allocate and initialize its 100M-parameter
         # classifier only to throw it away; the strict load below fills every feature tensor.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenline.model_checkpoint import CONFIG, WEIGHTS, CheckpointError, load_model, save_model
-from tokenline.tokenizer.model import Tokenizer1D, TokenizerConfig
+from tokenline.model_checkpoint import CONFIG, WEIGHTS, CheckpointError, save_model
+from tokenline.tokenizer.model import Tokenizer1D
 
 __all__ = ["CONFIG", "WEIGHTS", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
@@ -17,4 +17,4 @@ def save_checkpoint(model: Tokenizer1D, folder: str | Path) -> Path:
 
 def load_checkpoint(folder: str | Path) -> Tokenizer1D:
     """The tokenizer saved in `folder`, on CPU, in eval mode."""
-    return load_model(folder, TokenizerConfig.from_dict, Tokenizer1D, "tokenizer")
+    return Tokenizer1D.from_checkpoint(folder)

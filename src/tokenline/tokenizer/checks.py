@@ -1,45 +1,15 @@
-"""Checks on tokenizer stage outputs (Dagster asset checks): finite weights, rFID, code usage."""
+"""Checks on tokenizer stage outputs (Dagster asset checks): finite weights."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenline.config import Params
+from tokenline.layout import output_path
+from tokenline.model_checkpoint import non_finite_tensors
 
 
 def finite_weights(root: Path, manifest: dict, params: Params) -> tuple[bool, dict]:
     """No tokenizer weight is NaN or infinite."""
-    from tokenline.model_checkpoint import non_finite_tensors
-    from tokenline.pipeline import output_path
-
     count, bad = non_finite_tensors(output_path(root, manifest["dataset"], "tokenizer"))
     return not bad, {"tensors": count, "non_finite": ", ".join(bad[:10]) or "none"}
-
-
-def _recon_report(root: Path, manifest: dict) -> dict:
-    from tokenline.pipeline import report_path
-
-    return json.loads(report_path(root, manifest["dataset"], "recon_eval").read_text())
-
-
-def rfid_below_threshold(root: Path, manifest: dict, params: Params) -> tuple[bool, dict]:
-    """Reconstructions are close enough to the originals in Inception space."""
-    report = _recon_report(root, manifest)
-    rfid = report.get("rfid")
-    metadata = {"rfid": rfid if rfid is not None else "not computed", "threshold": params.recon_eval.max_rfid}
-    if rfid is None:
-        metadata["note"] = report.get("rfid_note", "rFID missing from the report")
-        return False, metadata
-    return rfid <= params.recon_eval.max_rfid, metadata
-
-
-def code_usage(root: Path, manifest: dict, params: Params) -> tuple[bool, dict]:
-    """Discrete quantizers use enough of their codes (no collapse); continuous ones pass."""
-    report = _recon_report(root, manifest)
-    usage = report.get("code_usage")
-    if usage is None:
-        return True, {"quantizer": report.get("quantizer", "?"), "note": "continuous latents: no codes to use"}
-    return usage >= params.recon_eval.min_code_usage, {
-        "code_usage": usage, "threshold": params.recon_eval.min_code_usage, "quantizer": report.get("quantizer", "?"),
-    }

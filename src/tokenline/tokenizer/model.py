@@ -11,7 +11,7 @@ tokens). Everything downstream sees [B, K, D] latents either way.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from tokenline.tokenizer.quantizers import QUANTIZERS, CodebookQuantizer, QuantizerOutput, build_quantizer
+from tokenline.model_checkpoint import config_from_dict, load_model
+from tokenline.tokenizer.quantizers import (
+    QUANTIZERS,
+    CodebookQuantizer,
+    QuantizerOutput,
+    build_quantizer,
+)
 
 TOKEN_COUNTS = (16, 32, 64, 128)
 LAYOUTS = ("1d", "grid")  # learned 1D latent tokens (TiTok) | one latent per patch (a 2D grid)
@@ -86,10 +92,7 @@ class TokenizerConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TokenizerConfig:
         """The config from to_dict's output; unknown fields are an error."""
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown tokenizer config fields: {sorted(unknown)}")
-        return cls(**values)
+        return config_from_dict(cls, values, "tokenizer")
 
 
 # -----------------------------------------------------------------------------
@@ -254,9 +257,7 @@ class Tokenizer1D(nn.Module):
     @classmethod
     def from_checkpoint(cls, folder: str | Path) -> Tokenizer1D:
         """Load a folder written by save_checkpoint, in eval mode."""
-        from tokenline.tokenizer.checkpoint import load_checkpoint  # it imports this module
-
-        return load_checkpoint(folder)
+        return load_model(folder, TokenizerConfig.from_dict, cls, "tokenizer")
 
 
 def _init_linear(module: nn.Module) -> None:

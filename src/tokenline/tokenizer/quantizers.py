@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-
 # -----------------------------------------------------------------------------
 # Interface
 # -----------------------------------------------------------------------------

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from tokenline.config import Params
-    from tokenline.tokenizer.model import TokenizerConfig
+from tokenline.config import Params
+from tokenline.tokenizer.model import SIZE_DEFAULTS, TokenizerConfig
 
 
 def tokenizer_config_values(params: Params, text_dim: int, check: bool = False) -> dict[str, Any]:
@@ -16,7 +15,6 @@ def tokenizer_config_values(params: Params, text_dim: int, check: bool = False) 
     the resolution, heads that do not divide the width, an unknown field) raises ValueError
     naming `tokenizer`.
     """
-    from tokenline.tokenizer.model import SIZE_DEFAULTS, TokenizerConfig
 
     p = params.tokenizer
     values = {
@@ -38,6 +36,4 @@ def tokenizer_config_values(params: Params, text_dim: int, check: bool = False) 
 
 def tokenizer_config(params: Params, text_dim: int) -> TokenizerConfig:
     """The TokenizerConfig that params describe, given the text encoder's token width."""
-    from tokenline.tokenizer.model import TokenizerConfig
-
     return TokenizerConfig.from_dict(tokenizer_config_values(params, text_dim))

@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import torch
 from PIL import Image
 
 from tokenline.artifacts import atomic_write_json, read_manifest
-from tokenline.data.stages import iter_shard_samples
+from tokenline.contact_sheet import contact_sheet
+from tokenline.data.shards import iter_shard_samples
+from tokenline.layout import work_path
 from tokenline.model_checkpoint import start_from_checkpoint
-from tokenline.pipeline import INIT, StageContext, StageResult, work_path
-from tokenline.tokenizer.caption_text import CaptionTexts, cached_text_encoder, caption_map, params_text_encoder, text_cache_dir
+from tokenline.stage import INIT, AssetCheck, Stage, StageContext, StageResult
+from tokenline.text.captions import (
+    CaptionTexts,
+    cached_text_encoder,
+    caption_map,
+    params_text_encoder,
+    text_cache_dir,
+)
+from tokenline.tokenizer import checks as tokenizer_checks
 from tokenline.tokenizer.model import Tokenizer1D
 from tokenline.tokenizer.pixels import samples_to_batch, tensor_to_image
+from tokenline.tokenizer.spec import tokenizer_config
+from tokenline.tokenizer.token_cache import TokenCache
+from tokenline.tokenizer.token_cache_writer import write_token_cache
+from tokenline.tokenizer.train import CHECKPOINT, train_tokenizer
 from tokenline.training import seed_everything
 
 TRAINING = "training.json"
-RECONSTRUCTIONS = "reconstructions.png"
+RECONSTRUCTIONS = "reconstructions.png"  # the preview grid of originals over reconstructions
 
 
 @torch.no_grad()
@@ -38,7 +50,7 @@ def reconstruction_pairs(model: Tokenizer1D, ctx: StageContext, texts: CaptionTe
     return pairs
 
 
-def _caption_texts(ctx: StageContext, length: int) -> CaptionTexts | None:
+def caption_texts(ctx: StageContext, length: int) -> CaptionTexts | None:
     if not ctx.params.tokenizer.text_conditioning:
         return None
     encoder = params_text_encoder(ctx.params)
@@ -52,11 +64,8 @@ def _caption_texts(ctx: StageContext, length: int) -> CaptionTexts | None:
 
 def tokenizer(ctx: StageContext) -> StageResult:
     """Train the tokenizer params describe; write its EMA checkpoint and a training summary."""
-    from tokenline.tokenizer.spec import tokenizer_config
-    from tokenline.tokenizer.train import CHECKPOINT, train_tokenizer
-
     p = ctx.params.tokenizer
-    texts = _caption_texts(ctx, p.text_tokens)
+    texts = caption_texts(ctx, p.text_tokens)
     text_dim = texts.cache.encoder.token_dim if texts is not None else 0
     seed_everything(p.train.seed)  # the initial weights are drawn here: two fresh runs start alike
     model = Tokenizer1D(tokenizer_config(ctx.params, text_dim))
@@ -84,7 +93,6 @@ def tokenizer(ctx: StageContext) -> StageResult:
     })
     pairs = reconstruction_pairs(trained, ctx, texts, max(1, ctx.params.tracking.contact_sheet // 2))
     if pairs:
-        from tokenline.contact_sheet import contact_sheet
 
         ctx.tracker.log_image(contact_sheet([image for image, _ in pairs]), f"samples/{RECONSTRUCTIONS}")
     metrics = {key: float(summary[key]) for key in ("final_loss", "images_per_s", "wall_time_s")}
@@ -98,8 +106,6 @@ def tokenizer(ctx: StageContext) -> StageResult:
 
 def tokens(ctx: StageContext) -> StageResult:
     """Encode every shard once into the token cache, keyed by the tokenizer checkpoint's hash."""
-    from tokenline.tokenizer.token_cache import TokenCache, write_token_cache
-
     tokenizer_dir = ctx.inputs["tokenizer"]
     tokenizer_hash = read_manifest(tokenizer_dir)["content_hash"]
     model = Tokenizer1D.from_checkpoint(tokenizer_dir)
@@ -127,43 +133,35 @@ def tokens(ctx: StageContext) -> StageResult:
 
 
 # --------------------------------------------------------------------------------------
-# recon_eval
+# The registry entries of this area (pipeline.py lists them)
 # --------------------------------------------------------------------------------------
 
-
-def recon_eval(ctx: StageContext) -> StageResult:
-    """PSNR, SSIM, rFID, tokens/bits per image and code usage of the tokenizer on the val split."""
-    from tokenline.contact_sheet import png_bytes
-    from tokenline.eval.reconstruction import evaluate_reconstruction
-    from tokenline.artifacts import atomic_write_bytes
-
-    options = ctx.params.recon_eval
-    tokenizer_dir = ctx.inputs["tokenizer"]
-    model = Tokenizer1D.from_checkpoint(tokenizer_dir)
-    texts = _caption_texts(ctx, model.config.text_tokens) if model.config.text_dim else None
-    index = read_manifest(ctx.inputs["shards"])["counts"]
-    # The val split is the protocol; a dataset too small to have one falls back to train, and says so.
-    split = "val" if index.get("val", 0) >= 2 else "train"
-    metrics, grid = evaluate_reconstruction(
-        model, ctx.inputs["shards"], split=split,
-        text_for=(lambda captions: texts.encode(captions)) if texts is not None else None,
-        max_samples=options.max_samples, grid=options.grid,
-    )
-    report = {
-        **metrics,
-        "tokenizer": str(tokenizer_dir.relative_to(ctx.root)),
-        "tokenizer_hash": read_manifest(tokenizer_dir)["content_hash"],
-        "quantizer": model.config.quantizer,
-        "text_conditioning": bool(model.config.text_dim),
-        "protocol": f"{metrics['samples']} {split} images at {model.config.image_size} px; rFID: offline "
-        "FID Inception (2048-d pool) of reconstructions vs originals",
-    }
-    out = ctx.outputs["recon_eval"]
-    atomic_write_json(out / "metrics.json", report)
-    if grid is not None:
-        atomic_write_bytes(out / RECONSTRUCTIONS, png_bytes(grid))
-        ctx.tracker.log_image(grid, f"samples/{RECONSTRUCTIONS}")
-    samples = reconstruction_pairs(model, ctx, texts, max(1, ctx.params.tracking.contact_sheet // 2))
-    numbers = {key: float(value) for key, value in metrics.items()
-               if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)}
-    return StageResult(counts={"samples": int(metrics["samples"])}, metrics=numbers, report=report, samples=samples)
+STAGES = (
+    Stage(
+        name="tokenizer",
+        func=tokenizer,
+        area="tokenizer",
+        description="Train the 1D tokenizer (ViT encoder -> K tokens -> quantizer -> ViT decoder) "
+        "with accelerate; EMA weights as safetensors + config in models/<dataset>/tokenizer.",
+        inputs=("shards", "captions"),
+        outputs=("tokenizer",),
+        models=("tokenizer",),
+        code=("text",),
+        params=("data", "tokenizer"),
+        init_from="tokenizer",
+        checks=(
+            AssetCheck("finite_weights", "tokenizer", "every tokenizer weight is finite", tokenizer_checks.finite_weights),
+        ),
+    ),
+    Stage(
+        name="tokens",
+        func=tokens,
+        area="tokenizer",
+        description="Token cache: every shard encoded once into memory-mappable latents/codes "
+        "plus caption embeddings, keyed by the tokenizer checkpoint's hash.",
+        inputs=("tokenizer", "shards", "captions"),
+        outputs=("tokens",),
+        code=("text",),
+        params=("tokenizer", "tokens"),
+    ),
+)

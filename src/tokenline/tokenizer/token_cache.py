@@ -1,7 +1,8 @@
 """The `tokens` stage's cache: every shard encoded once, so generator training never decodes an image.
 
-:func:`write_token_cache` runs a frozen tokenizer (eval mode, no gradients) and a frozen caption encoder over
-the train and val splits of a shards folder, and :class:`TokenCache` reads the result back, memory-mapped.
+:func:`tokenline.tokenizer.token_cache_writer.write_token_cache` runs a frozen tokenizer (eval mode, no
+gradients) and a frozen caption encoder over the train and val splits of a shards folder, and
+:class:`TokenCache` (this module) reads the result back, memory-mapped.
 
 On-disk layout (N = samples in the split, K = tokens per image, D = token width, T = ``text_tokens``,
 Dtxt = caption token width)::
@@ -36,7 +37,6 @@ encoder, so the stored text is exactly the text that produced the stored latents
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,195 +45,18 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
 
-from tokenline.artifacts import atomic_write_bytes, atomic_write_json
-from tokenline.data.stages import iter_shard_samples, read_jsonl
-from tokenline.tokenizer.caption_text import cut_or_pad
-from tokenline.tokenizer.pixels import batched, samples_to_batch
 
 FORMAT = 1
 META = "meta.json"
 SPLITS = ("train", "val")
 ARRAYS = ("latents", "codes", "text_pooled", "text_tokens", "text_mask")
+# What a row reads as (codes: ids or bits, both as int64), whatever the stored dtype.
+ROW_DTYPES = {"latents": np.float32, "codes": np.int64, "text_pooled": np.float32, "text_tokens": np.float32, "text_mask": bool}
 
 
 class StaleTokenCacheError(RuntimeError):
     """A token cache written by another tokenizer than the one the caller expects."""
-
-
-# -----------------------------------------------------------------------------
-# Writing
-# -----------------------------------------------------------------------------
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save into memory, then an atomic write: the file appears complete or not at all."""
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def _code_kind(quantizer: str) -> str | None:
-    """How a quantizer kind's codes are stored: "ids", "bits" or None (no codes)."""
-    return {"vq": "ids", "softvq": "ids", "binary": "bits"}.get(quantizer)
-
-
-def _describe_encoder(encoder: Any) -> Any:
-    """The encoder's describe(), that of the encoder a cache wraps, or else its class name."""
-    for candidate in (encoder, getattr(encoder, "encoder", None)):
-        describe = getattr(candidate, "describe", None)
-        if callable(describe):
-            return describe()
-    return type(encoder).__name__
-
-
-def write_token_cache(
-    tokenizer,
-    shard_dir: str | Path,
-    captions_dir: str | Path | None,
-    out_dir: str | Path,
-    tokenizer_hash: str,
-    text_encoder=None,
-    text_tokens: int = 32,
-    batch_size: int = 64,
-) -> dict[str, int]:
-    """Encode every train and val sample of `shard_dir` with `tokenizer` into `out_dir` (layout: module doc).
-
-    Captions come from ``captions_dir/captions.jsonl`` by sample key; a key it lacks (or ``captions_dir=None``)
-    keeps the shard's own caption. `text_encoder` is any object with ``encode(list[str]) -> TextEncoding`` (a
-    TextEncoder or a TextEmbeddingCache); None builds the bundled MiniLM. Caption states are cut or padded to
-    `text_tokens` positions and, when ``tokenizer.config.text_dim > 0``, condition the encoder.
-    `tokenizer_hash` identifies the tokenizer's weights; readers check it to refuse a stale cache.
-
-    Returns the samples written: ``{"train": n, "val": m, "total": n + m}``.
-    """
-    shard_dir, out_dir = Path(shard_dir), Path(out_dir)
-    if text_tokens < 1:
-        raise ValueError(f"text_tokens must be at least 1, got {text_tokens}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    config = tokenizer.config
-    code_kind = _code_kind(config.quantizer)
-    k, d = config.num_tokens, config.token_dim
-    codebook_size = len(tokenizer.quantizer.codebook) if code_kind == "ids" else None
-
-    captions: dict[str, str] = {}
-    if captions_dir is not None:
-        captions_file = Path(captions_dir) / "captions.jsonl"
-        if not captions_file.is_file():
-            raise FileNotFoundError(f"{captions_file}: no captions file; run the captions stage first")
-        captions = {row["key"]: row["caption"] for row in read_jsonl(captions_file) if row.get("caption") is not None}
-    index = json.loads((shard_dir / "index.json").read_text())
-
-    if text_encoder is None:
-        from tokenline.text.encoder import build_text_encoder
-
-        text_encoder = build_text_encoder("minilm")
-
-    # A crash from here on must not leave an old meta.json vouching for new, partial arrays.
-    (out_dir / META).unlink(missing_ok=True)
-    device = next(tokenizer.parameters()).device
-    was_training = tokenizer.training
-    tokenizer.eval()
-    counts: dict[str, int] = {}
-    text_dims: tuple[int, int] | None = None
-    try:
-        for split in SPLITS:
-            parts: dict[str, list[np.ndarray]] = {name: [] for name in ARRAYS}
-            keys: list[str] = []
-            texts: list[str] = []
-            samples = iter_shard_samples(shard_dir, split)
-            progress = tqdm(total=index[split]["samples"], desc=f"tokens {split}", unit="img")
-            with progress, torch.no_grad():
-                for batch in batched(samples, batch_size):
-                    batch_keys = [sample["key"] for sample in batch]
-                    batch_texts = [captions.get(key, sample["caption"]) for key, sample in zip(batch_keys, batch)]
-                    encoding = text_encoder.encode(batch_texts)
-                    states, mask = cut_or_pad(encoding.tokens.float(), encoding.mask, text_tokens)
-                    # Round once: the stored float16 text is exactly the text the latents were made from.
-                    states = states.half().float()
-                    pooled = encoding.pooled.float().half()
-                    text_dims = (pooled.shape[-1], states.shape[-1])
-                    text = None
-                    if config.text_dim:
-                        if states.shape[-1] != config.text_dim:
-                            raise ValueError(
-                                f"the text encoder gives {states.shape[-1]}-wide caption states but the "
-                                f"tokenizer is conditioned on text_dim={config.text_dim}"
-                            )
-                        text = (states.to(device), mask.to(device))
-                    out = tokenizer.encode(samples_to_batch(batch, config.image_size).to(device), text)
-                    parts["latents"].append(out.latents.float().cpu().numpy())
-                    if (out.codes is None) != (code_kind is None):
-                        raise ValueError(f"the {config.quantizer!r} quantizer returned unexpected codes")
-                    if code_kind == "ids":
-                        parts["codes"].append(out.codes.cpu().numpy().astype(np.int32))
-                    elif code_kind == "bits":
-                        parts["codes"].append(out.codes.cpu().numpy().astype(np.uint8))
-                    parts["text_pooled"].append(pooled.cpu().numpy())
-                    parts["text_tokens"].append(states.half().cpu().numpy())
-                    parts["text_mask"].append(mask.cpu().numpy())
-                    keys += batch_keys
-                    texts += batch_texts
-                    progress.update(len(batch))
-            if text_dims is None and not keys:
-                empty = text_encoder.encode([])  # an empty encoding still has the widths
-                text_dims = (empty.pooled.shape[-1], empty.tokens.shape[-1])
-            _write_split(out_dir / split, parts, keys, texts, code_kind, (k, d), text_tokens, text_dims)
-            counts[split] = len(keys)
-    finally:
-        tokenizer.train(was_training)
-
-    if text_dims is None:  # both splits empty and the encoder could not say
-        text_dims = (0, 0)
-    meta = {
-        "format": FORMAT,
-        "tokenizer_hash": tokenizer_hash,
-        "tokenizer_config": config.to_dict(),
-        "quantizer": config.quantizer,
-        "num_tokens": k,
-        "token_dim": d,
-        "codebook_size": codebook_size,
-        "has_codes": code_kind is not None,
-        "text_tokens": text_tokens,
-        "text_dim": int(text_dims[1]),
-        "text_pooled_dim": int(text_dims[0]),
-        "text_encoder": _describe_encoder(text_encoder),
-        "splits": dict(counts),
-    }
-    atomic_write_json(out_dir / META, meta)
-    return {**counts, "total": sum(counts.values())}
-
-
-def _write_split(
-    folder: Path,
-    parts: dict[str, list[np.ndarray]],
-    keys: list[str],
-    texts: list[str],
-    code_kind: str | None,
-    token_shape: tuple[int, int],
-    text_tokens: int,
-    text_dims: tuple[int, int] | None,
-) -> None:
-    """Concatenate one split's batches and write its files (zero-row arrays when it is empty)."""
-    k, d = token_shape
-    pooled_dim, token_dim = text_dims or (0, 0)
-    empty = {
-        "latents": np.zeros((0, k, d), np.float32),
-        "codes": np.zeros((0, k), np.int32) if code_kind == "ids" else np.zeros((0, k, d), np.uint8),
-        "text_pooled": np.zeros((0, pooled_dim), np.float16),
-        "text_tokens": np.zeros((0, text_tokens, token_dim), np.float16),
-        "text_mask": np.zeros((0, text_tokens), bool),
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ARRAYS:
-        if name == "codes" and code_kind is None:
-            (folder / "codes.npy").unlink(missing_ok=True)  # left by an earlier cache with codes
-            continue
-        array = np.concatenate(parts[name]) if parts[name] else empty[name]
-        _save_npy(folder / f"{name}.npy", array)
-    atomic_write_json(folder / "keys.json", keys)
-    atomic_write_json(folder / "captions.json", texts)
 
 
 # -----------------------------------------------------------------------------
@@ -362,17 +185,8 @@ class TokenCache(Dataset):
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for a token cache split of {n} samples")
         i = int(i) % n
-        a = self._arrays
-        item = {
-            "latents": torch.from_numpy(np.array(a["latents"][i], dtype=np.float32)),
-            "text_pooled": torch.from_numpy(np.array(a["text_pooled"][i], dtype=np.float32)),
-            "text_tokens": torch.from_numpy(np.array(a["text_tokens"][i], dtype=np.float32)),
-            "text_mask": torch.from_numpy(np.array(a["text_mask"][i], dtype=bool)),
-            "index": i,
-        }
-        if self.has_codes:
-            item["codes"] = torch.from_numpy(np.array(a["codes"][i], dtype=np.int64))
-        return item
+        # np.array copies the row out of the read-only memory map, so the tensors are writable.
+        return {**self._read(i, np.array), "index": i}
 
     def latent_statistics(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of this split's latents, read in chunks from the memory map."""
@@ -392,17 +206,12 @@ class TokenCache(Dataset):
     def rows(self, indices) -> dict[str, Tensor]:
         """Rows `indices` batched, read in one go per array: the dict of __getitem__ with a leading batch axis."""
         order = np.asarray(indices, dtype=np.int64)
-        a = self._arrays
-        batch = {
-            "latents": torch.from_numpy(np.asarray(a["latents"][order], dtype=np.float32)),
-            "text_pooled": torch.from_numpy(np.asarray(a["text_pooled"][order], dtype=np.float32)),
-            "text_tokens": torch.from_numpy(np.asarray(a["text_tokens"][order], dtype=np.float32)),
-            "text_mask": torch.from_numpy(np.asarray(a["text_mask"][order], dtype=bool)),
-            "index": torch.from_numpy(order),
-        }
-        if self.has_codes:
-            batch["codes"] = torch.from_numpy(np.asarray(a["codes"][order], dtype=np.int64))
-        return batch
+        # Fancy indexing already copies out of the memory map.
+        return {**self._read(order, np.asarray), "index": torch.from_numpy(order)}
+
+    def _read(self, selector, to_array) -> dict[str, Tensor]:
+        """Every array of the split at `selector` (a row or an index array), as tensors of the reading dtypes."""
+        return {name: torch.from_numpy(to_array(array[selector], dtype=ROW_DTYPES[name])) for name, array in self._arrays.items()}
 
     def loader(
         self,

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
-import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import safetensors.torch
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenline.artifacts import atomic_dir
-from tokenline.tokenizer.checkpoint import save_checkpoint
+from tokenline.data.stages import iter_shard_samples
 from tokenline.tokenizer.adversarial import (
     PatchDiscriminator,
     adaptive_weight,
@@ -29,9 +28,11 @@ from tokenline.tokenizer.adversarial import (
     hinge_generator_loss,
     load_perceptual_loss,
 )
+from tokenline.tokenizer.checkpoint import save_checkpoint
 from tokenline.tokenizer.model import Tokenizer1D, on_decoder_side
-from tokenline.tokenizer.train_config import LossConfig, TrainConfig
+from tokenline.train_config import LossConfig, TrainConfig
 from tokenline.training import (
+    EMA,
     EMA_WEIGHTS,
     MODEL_CONFIG,
     MODEL_WEIGHTS,
@@ -39,15 +40,15 @@ from tokenline.training import (
     PROGRESS,
     SCHEDULER,
     TRAIN_CONFIG,
-    EMA,
+    ResumeRefusedError,
     RunProgress,
     StepLoop,
     apply_gradients,
-    ResumeRefusedError,
+    begin_training,
     cosine_with_warmup,
     restore_run,
     saved_config_differences,
-    start_run,
+    training_summary,
     write_state_folder,
 )
 
@@ -78,7 +79,6 @@ class ShardImages(torch.utils.data.IterableDataset):
 
     def __init__(self, shard_dir: str | Path, seed: int = 0, start: int = 0, split: str = "train",
                  rank: int = 0, world_size: int = 1):
-        from tokenline.data.stages import iter_shard_samples
 
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
@@ -220,6 +220,84 @@ def _build_adversary(config: TrainConfig, channels: int, device) -> _Adversary |
     return _Adversary(discriminator, optimizer)
 
 
+def _loss_modules(config: TrainConfig, channels: int, device) -> tuple[_Adversary | None, nn.Module | None]:
+    """The discriminator (when loss.adversarial > 0) and the VGG perceptual loss (when loss.perceptual > 0 and weights exist)."""
+    adversary = _build_adversary(config, channels, device)
+    perceptual = load_perceptual_loss(config.loss.perceptual_weights) if config.loss.perceptual > 0 else None
+    return adversary, perceptual.to(device) if perceptual is not None else None
+
+
+def _restore_adversary(adversary: _Adversary | None, state_dir: Path) -> None:
+    """Load the discriminator and its optimizer from a state folder that has them."""
+    if adversary is not None and (state_dir / DISC_WEIGHTS).is_file():
+        adversary.discriminator.load_state_dict(safetensors.torch.load_file(state_dir / DISC_WEIGHTS))
+        adversary.optimizer.load_state_dict(torch.load(state_dir / DISC_OPTIMIZER, weights_only=True))
+
+
+def _shard_loader(shard_dir: str | Path, config: TrainConfig, start: int, accelerator) -> tuple[ShardImages, Any]:
+    """The train split from sample `start` on (this process's share) and its batch loader."""
+    data = ShardImages(shard_dir, seed=config.seed, start=start,
+                       rank=accelerator.process_index, world_size=accelerator.num_processes)
+    # The loader is not passed to accelerator.prepare: ShardImages splits the data between
+    # processes itself, and its wrapper would read batches ahead of the position we count.
+    # Its own generator keeps the global RNG untouched.
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=config.batch_size, num_workers=0, generator=torch.Generator().manual_seed(config.seed)
+    )
+    return data, loader
+
+
+def _tokenizer_loss(model, raw_model: Tokenizer1D, images: Tensor, text, weights: LossConfig, perceptual,
+                    adversary: _Adversary | None, step: int) -> tuple[Tensor, Tensor, Any, dict[str, Tensor]]:
+    """One step's loss: pixel terms (+ perceptual), the quantizer's, and after warm-up the adaptive GAN term.
+
+    Returns (loss, reconstruction, the quantizer output, the terms by name); a `generator` term
+    means the adversary is on this step.
+    """
+    reconstruction, quantized = model(images, text)
+    # Reconstruction losses in float32 whatever the autocast precision.
+    reconstruction = reconstruction.float()
+    terms = pixel_losses(reconstruction, images, weights)
+    reconstruction_loss = weights.l1 * terms["l1"] + weights.l2 * terms["l2"]
+    if perceptual is not None:
+        terms["perceptual"] = perceptual(reconstruction, images)
+        reconstruction_loss = reconstruction_loss + weights.perceptual * terms["perceptual"]
+    loss = reconstruction_loss + quantized.loss.float()
+    if adversary is not None and adversarial_factor(step, weights.adversarial_start) > 0:
+        terms["generator"] = hinge_generator_loss(adversary.discriminator(reconstruction))
+        # Balances the two gradients at the decoder's last layer, as VQGAN does.
+        terms["adaptive_weight"] = adaptive_weight(reconstruction_loss, terms["generator"], raw_model.to_pixels.weight)
+        loss = loss + weights.adversarial * terms["adaptive_weight"] * terms["generator"]
+    return loss, reconstruction, quantized, terms
+
+
+def _discriminator_step(accelerator, adversary: _Adversary, images: Tensor, reconstruction: Tensor) -> Tensor:
+    """One hinge update of the discriminator on real images against this step's reconstructions; returns its loss."""
+    # The generator's backward left gradients in the discriminator: clear them first.
+    adversary.optimizer.zero_grad(set_to_none=True)
+    # One forward over real and fake together: one backward per forward, as DDP requires
+    # (GroupNorm is per sample, so the concatenation changes nothing else).
+    logits = adversary.discriminator(torch.cat([images, reconstruction.detach()]))
+    loss = hinge_discriminator_loss(*logits.chunk(2))
+    accelerator.backward(loss)
+    adversary.optimizer.step()
+    adversary.optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def _step_metrics(loop: StepLoop, raw_model: Tokenizer1D, quantized, terms: dict[str, Tensor], lr: float,
+                  grad_norm) -> dict[str, float]:
+    """What a log step sends to MLflow: loss, lr, every term, the quantizer's terms and usage, grad norm, images/s."""
+    metrics = {"loss": loop.progress.loss, "quantizer": quantized.loss.item(), "lr": lr}
+    metrics |= {name: float(value.detach()) for name, value in terms.items()}
+    metrics |= {f"quantizer/{name}": float(value.detach()) for name, value in quantized.terms.items()}
+    metrics |= {f"quantizer/{name}": float(value) for name, value in raw_model.quantizer.usage_stats().items()}
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
+    metrics["images_per_s"] = loop.interval_rate()
+    return metrics
+
+
 def train_tokenizer(
     model: Tokenizer1D,
     shard_dir: str | Path,
@@ -236,42 +314,20 @@ def train_tokenizer(
     keys; a text-conditioned model needs it. Under `accelerate launch` each process reads its
     own part of the data and only the main process writes state folders and checkpoints.
     """
-    from accelerate import Accelerator
-
-    started = time.perf_counter()
     out_dir = Path(out_dir)
     state_dir = out_dir / STATE
     if model.config.text_dim and text_fn is None:
         raise ValueError("the model is text-conditioned (text_dim > 0): pass text_fn to give each batch its captions")
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
-
-    begun = start_run(model, state_dir, config, resume, force, "tokenizer")
-
-    model.train()
-    ema = EMA(model, config.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = cosine_with_warmup(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
-    adversary = _build_adversary(config, model.config.channels, accelerator.device)
-    perceptual = load_perceptual_loss(config.loss.perceptual_weights) if config.loss.perceptual > 0 else None
-    if perceptual is not None:
-        perceptual = perceptual.to(accelerator.device)
-    if resume:
+    run = begin_training(model, state_dir, config, resume, force, "tokenizer")
+    accelerator, begun, ema, optimizer, scheduler = run.accelerator, run.begun, run.ema, run.optimizer, run.scheduler
+    adversary, perceptual = _loss_modules(config, model.config.channels, accelerator.device)
+    if resume:  # after every module that draws from the RNG is built: see begin_training
         restore_run(state_dir, ema, optimizer, scheduler, config.lr, config.weight_decay)
-        if adversary is not None and (state_dir / DISC_WEIGHTS).is_file():
-            adversary.discriminator.load_state_dict(safetensors.torch.load_file(state_dir / DISC_WEIGHTS))
-            adversary.optimizer.load_state_dict(torch.load(state_dir / DISC_OPTIMIZER, weights_only=True))
-
+        _restore_adversary(adversary, state_dir)
     if config.freeze_encoder:
         freeze_encoder_side(model, ema)
 
-    data = ShardImages(shard_dir, seed=config.seed, start=begun.samples_seen,
-                       rank=accelerator.process_index, world_size=accelerator.num_processes)
-    # The loader is not passed to accelerator.prepare: ShardImages splits the data between
-    # processes itself, and its wrapper would read batches ahead of the position we count.
-    # Its own generator keeps the global RNG untouched.
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=config.batch_size, num_workers=0, generator=torch.Generator().manual_seed(config.seed)
-    )
+    data, loader = _shard_loader(shard_dir, config, begun.samples_seen, accelerator)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if adversary is not None:
         adversary.discriminator, adversary.optimizer = accelerator.prepare(adversary.discriminator, adversary.optimizer)
@@ -297,51 +353,17 @@ def train_tokenizer(
         text = None
         if text_fn is not None:
             text = tuple(t.to(accelerator.device) for t in text_fn(list(keys)))
-        reconstruction, quantized = model(images, text)
-        # Reconstruction losses in float32 whatever the autocast precision.
-        reconstruction = reconstruction.float()
-        terms = pixel_losses(reconstruction, images, weights)
-        reconstruction_loss = weights.l1 * terms["l1"] + weights.l2 * terms["l2"]
-        if perceptual is not None:
-            terms["perceptual"] = perceptual(reconstruction, images)
-            reconstruction_loss = reconstruction_loss + weights.perceptual * terms["perceptual"]
-        loss = reconstruction_loss + quantized.loss.float()
-        adversarial_on = adversary is not None and adversarial_factor(loop.step, weights.adversarial_start) > 0
-        if adversarial_on:
-            terms["generator"] = hinge_generator_loss(adversary.discriminator(reconstruction))
-            # Balances the two gradients at the decoder's last layer, as VQGAN does.
-            terms["adaptive_weight"] = adaptive_weight(reconstruction_loss, terms["generator"], raw_model.to_pixels.weight)
-            loss = loss + weights.adversarial * terms["adaptive_weight"] * terms["generator"]
+        loss, reconstruction, quantized, terms = _tokenizer_loss(model, raw_model, images, text, weights, perceptual,
+                                                                 adversary, loop.step)
         loop.refuse_non_finite(loss)
         accelerator.backward(loss)
         lr, grad_norm = apply_gradients(accelerator, model, optimizer, scheduler, config.grad_clip)
-        if adversarial_on:
-            # The generator's backward left gradients in the discriminator: clear them first.
-            adversary.optimizer.zero_grad(set_to_none=True)
-            # One forward over real and fake together: one backward per forward, as DDP requires
-            # (GroupNorm is per sample, so the concatenation changes nothing else).
-            logits = adversary.discriminator(torch.cat([images, reconstruction.detach()]))
-            terms["discriminator"] = hinge_discriminator_loss(*logits.chunk(2))
-            accelerator.backward(terms["discriminator"])
-            adversary.optimizer.step()
-            adversary.optimizer.zero_grad(set_to_none=True)
+        if "generator" in terms:
+            terms["discriminator"] = _discriminator_step(accelerator, adversary, images, reconstruction)
         ema.update(raw_model, loop.step)
         loop.advance(loss.item(), len(images) * accelerator.num_processes)
 
         if log_fn is not None and loop.log_due() and accelerator.is_main_process:
-            metrics = {"loss": loop.progress.loss, "quantizer": quantized.loss.item(), "lr": lr}
-            metrics |= {name: float(value.detach()) for name, value in terms.items()}
-            metrics |= {f"quantizer/{name}": float(value.detach()) for name, value in quantized.terms.items()}
-            metrics |= {f"quantizer/{name}": float(value) for name, value in raw_model.quantizer.usage_stats().items()}
-            if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
-            metrics["images_per_s"] = loop.interval_rate()
-            log_fn(loop.step, metrics)
+            log_fn(loop.step, _step_metrics(loop, raw_model, quantized, terms, lr, grad_norm))
         loop.checkpoint_if_due()
-    images_per_s = loop.finish()
-    return {
-        "steps": loop.step,
-        "final_loss": loop.progress.loss,
-        "images_per_s": images_per_s,
-        "wall_time_s": time.perf_counter() - started,
-    }
+    return training_summary(loop, run, "images_per_s")
