@@ -22,12 +22,14 @@ demo: $(STAMP)
 	@echo "MLflow:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns.db"
 	@echo "Dagster: make dagster   DVC: $(BIN)/dvc repro && $(BIN)/dvc metrics show"
 
+# One single-threaded worker per core (files stay whole on one worker, so module fixtures are built
+# once): on 2 cores two workers of one thread each beat one worker of two threads.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --dist loadfile
 
 # The fast unit run: no stage runs, no training (integration tests excluded).
 test-unit: $(STAMP)
-	$(BIN)/python -m pytest -m "not integration"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not integration" -n auto --dist loadfile
 
 # `make bench` lists the benchmarks; `make bench NAME=generation_sweeps ARGS="--samples 100"` runs one.
 bench: $(STAMP)

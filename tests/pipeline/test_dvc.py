@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO
 
-pytestmark = pytest.mark.integration  # runs stages, trains or starts processes
+pytestmark = pytest.mark.integration  # the whole lineage through `dvc repro`
 
 
 def _git_tracked_clone(target: Path) -> None:

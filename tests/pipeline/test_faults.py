@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -40,6 +41,12 @@ EVERY_OTHER_STEP = "tokenizer.train.checkpoint_every=2"
 def _copy_project(source: Path, target: Path) -> Path:
     shutil.copytree(source, target, symlinks=True)
     return target
+
+
+def _same_threads() -> dict[str, str]:
+    """The environment for a training subprocess: this process's torch thread count, since another
+    count sums floats in another order and the checkpoints compared here would differ in their last bits."""
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
 def _weights(root: Path, output: str) -> bytes:
@@ -100,7 +107,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_checkpoint
     step = random.randint(2, 11)  # a state folder exists from step 2 on
     script = KILL_AT_STEP.format(tests=str(TESTS), every=EVERY_OTHER_STEP)
     killed = subprocess.run([sys.executable, "-c", script, str(root), str(step)], capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env=_same_threads())
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert read_manifest(output_path(root, "shapes", "tokenizer")) is None  # nothing committed
     run_stage(root, "tokenizer", "shapes", EVERY_OTHER_STEP, resume=True)
@@ -295,7 +302,7 @@ def test_two_concurrent_cli_runs_of_one_stage_leave_one_complete_output(trained,
     root = _copy_project(trained, tmp_path / "concurrent")
     arguments = ["run", "tokenizer", "--profile", "tiny", "--dataset", "shapes", "--force",
                  "--set", "tracking.enabled=false", "--set", EVERY_OTHER_STEP]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = _same_threads()
     reached, release = tmp_path / "reached", tmp_path / "release"
     first = subprocess.Popen([sys.executable, "-c", PAUSE_AT_STEP, str(reached), str(release), *arguments],
                              cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

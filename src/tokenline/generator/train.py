@@ -108,6 +108,22 @@ def _generator_loss(model, raw_model, rows: dict[str, Tensor], text: TextBatch, 
     return masked_token_loss(model, rows["codes"].to(device), text, drop, config.replace_prob), {}
 
 
+def _check_objective(model, cache: TokenCache, config: GeneratorTrainConfig) -> tuple[SwapTerm | None, Tensor | None]:
+    """Refuse a model the cache cannot train; the swap term and each row's swap partner when the term is on."""
+    flow = isinstance(model, FlowTransformer)
+    if not flow and not cache.has_codes:
+        raise ValueError(f"a masked generator trains on codes; the token cache at {cache.folder} has none "
+                         f"(quantizer {cache.meta['quantizer']!r})")
+    if config.swap_weight <= 0:
+        return None, None
+    if not flow:
+        raise ValueError("generator.train.swap_weight > 0 contrasts flow losses; a masked generator has none "
+                         "(set swap_weight 0)")
+    partners = swap_partners(cache.captions)
+    require_partners(partners, f"{cache.folder} ({cache.split})")
+    return SwapTerm(config.swap_weight, config.swap_temperature, config.swap_min_t), partners
+
+
 def train_generator(
     model: FlowTransformer | MaskedTransformer,
     cache: TokenCache,
@@ -120,18 +136,7 @@ def train_generator(
     """Train `model` on a token cache split; returns steps, final_loss, samples_per_s, wall_time_s."""
     out_dir = Path(out_dir)
     state_dir = out_dir / STATE
-    flow = isinstance(model, FlowTransformer)
-    if not flow and not cache.has_codes:
-        raise ValueError(f"a masked generator trains on codes; the token cache at {cache.folder} has none "
-                         f"(quantizer {cache.meta['quantizer']!r})")
-    swap_term = SwapTerm(config.swap_weight, config.swap_temperature, config.swap_min_t) if config.swap_weight > 0 else None
-    partners = None  # for each cache row, the row captioned by its swap (swap term only)
-    if swap_term is not None:
-        if not flow:
-            raise ValueError("generator.train.swap_weight > 0 contrasts flow losses; a masked generator has none "
-                             "(set swap_weight 0)")
-        partners = swap_partners(cache.captions)
-        require_partners(partners, f"{cache.folder} ({cache.split})")
+    swap_term, partners = _check_objective(model, cache, config)
     run = begin_training(model, state_dir, config, resume, force, "generator")
     accelerator, begun, ema, optimizer, scheduler = run.accelerator, run.begun, run.ema, run.optimizer, run.scheduler
     if resume:
