@@ -95,7 +95,6 @@ def run(
     typer.echo("\n".join(summary))
     typer.echo(f"outputs: {root / 'data'}   reports: {root / 'data' / 'reports'}")
     if params.tracking.enabled:
-
         typer.echo(f"MLflow runs: {tracking_uri(params, root)} (browse: mlflow ui --backend-store-uri {tracking_uri(params, root)})")
 
 

@@ -93,7 +93,6 @@ def tokenizer(ctx: StageContext) -> StageResult:
     })
     pairs = reconstruction_pairs(trained, ctx, texts, max(1, ctx.params.tracking.contact_sheet // 2))
     if pairs:
-
         ctx.tracker.log_image(contact_sheet([image for image, _ in pairs]), f"samples/{RECONSTRUCTIONS}")
     metrics = {key: float(summary[key]) for key in ("final_loss", "images_per_s", "wall_time_s")}
     return StageResult(counts={"steps": int(summary["steps"]), "params": trained.num_params()}, metrics=metrics, samples=pairs)
