@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from tokenline.artifacts import read_manifest
-from tokenline.config import Params, load_params
+from tokenline.config import Params
+from tokenline.params_loading import load_params
 from tokenline.layout import output_path, report_path, samples_path
 from tokenline.pipeline import get_stage, stage_closure
 from tokenline.runner import run_with_upstream

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from tokenline.artifacts import read_manifest
-from tokenline.config import load_params
+from tokenline.params_loading import load_params
 from tokenline.layout import output_path, report_path
 from tokenline.pipeline import get_stage
 from tokenline.runner import run_with_upstream

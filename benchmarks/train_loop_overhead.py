@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tokenline.config import load_params
+from tokenline.params_loading import load_params
 from tokenline.layout import output_path
 from tokenline.pipeline import get_stage
 from tokenline.runner import run_with_upstream

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenline.config import load_params
+from tokenline.params_loading import load_params
 from tokenline.pipeline import get_stage
 from tokenline.runner import run_with_upstream
 
@@ -26,6 +26,15 @@ def _isolated_mlflow(tmp_path_factory, monkeypatch):
     """Point MLflow at a throwaway SQLite store shared by the session."""
     store = tmp_path_factory.getbasetemp() / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory) -> Path:
+    """Tiny 32 px shapes shards, built once per test module by tokenline's own pipeline."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    run_stage(root, "shards", "shapes")
+    return root / "data" / "shapes" / "shards"
 
 
 @pytest.fixture

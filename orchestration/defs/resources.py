@@ -7,7 +7,8 @@ from pathlib import Path
 
 from dagster import ConfigurableResource
 
-from tokenline.config import Params, load_params
+from tokenline.config import Params
+from tokenline.params_loading import load_params
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 

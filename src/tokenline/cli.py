@@ -10,7 +10,8 @@ from typing import Optional
 
 import typer
 
-from tokenline.config import ConfigError, load_params, project_root
+from tokenline.config import ConfigError
+from tokenline.params_loading import load_params, project_root
 from tokenline.dvc_yaml import render_dvc_yaml
 from tokenline.pipeline import STAGES, get_stage
 from tokenline.runner import check_params, run_project, run_with_upstream

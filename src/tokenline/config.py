@@ -1,21 +1,17 @@
-"""Typed params: params.yaml, then the chosen profile, then `--set key=value` overrides."""
+"""The params schema: every section of params.yaml as a typed, validated model (loading: `params_loading`)."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     StrictInt,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -141,6 +137,34 @@ class TokenizerParams(Section):
         return value
 
 
+class TeacherTokenizerParams(Section):
+    """The grid teacher of two-stage training: a `layout: grid` tokenizer, one latent per patch."""
+
+    size: Literal["T", "S", "B"] = "S"  # a named size of tokenline.tokenizer.model
+    quantizer: Literal[QUANTIZER_NAMES] = "kl"  # type: ignore[valid-type]
+    model: dict[str, Any] = {}  # further TokenizerConfig fields (token_dim, patch_size, width, ...)
+    train: TrainConfig = TrainConfig()
+
+    @field_validator("model")
+    @classmethod
+    def _grid_only(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value.get("layout", "grid") != "grid":
+            raise ValueError(f"layout must be 'grid' for a teacher (one latent per patch), not {value['layout']!r}")
+        reserved = {"image_size": "data.resolution", "quantizer": "teacher_tokenizer.quantizer",
+                    "num_tokens": "the grid (data.resolution / patch_size, squared)", "text_dim": "nothing (a teacher reads pixels only)"}
+        for key in value:
+            if key in reserved:
+                raise ValueError(f"{key} is set by {reserved[key]}, not teacher_tokenizer.model.{key}")
+        return value
+
+    @field_validator("train")
+    @classmethod
+    def _no_proxy(cls, value: TrainConfig) -> TrainConfig:
+        if value.proxy_steps:
+            raise ValueError("proxy_steps must be 0 for the teacher: it is the one trained on pixels")
+        return value
+
+
 class TokensParams(Section):
     """The token cache: encoding batch size."""
 
@@ -251,6 +275,7 @@ class Params(Section):
     shards: ShardParams = ShardParams()
     captions: CaptionParams = CaptionParams()
     tracking: TrackingParams = TrackingParams()
+    teacher_tokenizer: TeacherTokenizerParams = TeacherTokenizerParams()
     tokenizer: TokenizerParams = TokenizerParams()
     tokens: TokensParams = TokensParams()
     recon_eval: ReconEvalParams = ReconEvalParams()
@@ -279,7 +304,7 @@ class Params(Section):
     def dataset(self, name: str) -> DatasetSpec:
         """The spec of dataset `name`, or an error listing the known ones."""
         if name not in self.datasets:
-            raise ConfigError(_unknown_dataset(name, self.datasets))
+            raise ConfigError(unknown_dataset_message(name, self.datasets))
         return self.datasets[name]
 
     def section(self, key: str) -> Any:
@@ -311,6 +336,7 @@ class Params(Section):
 # as TokenizerConfig.to_dict leaves out layout "1d".
 QUIET_DEFAULTS: dict[tuple[str, ...], Any] = {
     ("tokenizer", "train", "freeze_encoder"): False,
+    ("tokenizer", "train", "proxy_steps"): 0,
     ("tokenizer", "init"): None,
     ("generator", "init"): None,
     ("generator", "train", "swap_weight"): 0.0,
@@ -327,104 +353,9 @@ def check_dataset_name(name: str) -> str:
     return name
 
 
-def _unknown_dataset(name: str, known: dict) -> str:
+def unknown_dataset_message(name: str, known: dict) -> str:
+    """The one-line error for a dataset name params do not define."""
     return (
         f"dataset {name!r} is not defined (known: {', '.join(sorted(known))}); define it in "
         f"params.yaml or with --set datasets.{name}.source=..."
     )
-
-
-def project_root() -> Path:
-    """The folder holding params.yaml: the working directory or one of its parents."""
-    here = Path.cwd().resolve()
-    for folder in (here, *here.parents):
-        if (folder / "params.yaml").exists():
-            return folder
-    return here
-
-
-def _deep_merge(base: dict, patch: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in patch.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def _parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"--set expects key=value, got {text!r}")
-    key, _, raw = text.partition("=")
-    # YAML gives numbers, booleans, null and lists their types. A value with a colon that is
-    # not a list stays a string (`imagefolder:/x` is a source, not a time), and so does one
-    # YAML would read as a mapping (`{caption}` is a template).
-    if ":" in raw and not raw.lstrip().startswith("["):
-        return key.strip().split("."), raw
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    if isinstance(value, dict):
-        value = raw
-    return key.strip().split("."), value
-
-
-def _apply_override(tree: dict, path: list[str], value: Any) -> None:
-    node = tree
-    for part in path[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a section")
-        node = child
-    node[path[-1]] = value
-
-
-def _format_error(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = item["msg"]
-        # A section's own check says "lr must be ...": name the key in full (tokenizer.train.lr).
-        field_name, _, rest = message.removeprefix("Value error, ").partition(" ")
-        if item["type"] == "value_error" and item["loc"] and rest.startswith("must ") and field_name.isidentifier():
-            key, message = f"{key}.{field_name}", rest
-        lines.append(f"{key}: {message}")
-    return "invalid params: " + "; ".join(lines)
-
-
-def load_params(
-    path: Path | str | None = None,
-    profile: str | None = None,
-    overrides: list[str] | None = None,
-    dataset: str | None = None,
-) -> Params:
-    """Load params.yaml, apply a profile and `key=value` overrides, and validate.
-
-    With `dataset`, that dataset becomes the only active one; a name params do not define
-    is created from the overrides (`datasets.NAME.source=...`).
-    """
-    path = Path(path) if path else project_root() / "params.yaml"
-    if not path.exists():
-        raise ConfigError(f"params file {path} does not exist")
-    document = yaml.safe_load(path.read_text()) or {}
-    profiles = document.pop("profiles", {}) or {}
-    chosen = profile or document.get("profile") or "cpu"
-    if chosen not in profiles:
-        raise ConfigError(f"profile {chosen!r} is not defined in {path} (known: {', '.join(profiles)})")
-    tree = _deep_merge(document, profiles[chosen] or {})
-    tree["profile"] = chosen
-    for text in overrides or []:
-        key_path, value = _parse_override(text)
-        _apply_override(tree, key_path, value)
-    if dataset:
-        check_dataset_name(dataset)
-        if dataset not in (tree.get("datasets") or {}):
-            raise ConfigError(_unknown_dataset(dataset, tree.get("datasets") or {}))
-        tree["active_datasets"] = [dataset]
-    try:
-        params = Params.model_validate(tree)
-    except ValidationError as error:
-        raise ConfigError(_format_error(error)) from None
-    return params

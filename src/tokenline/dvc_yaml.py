@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from tokenline.config import project_root
+from tokenline.params_loading import project_root
 from tokenline.layout import html_relpath, output_relpath, plot_relpath
 from tokenline.pipeline import STAGES, params_keys
 from tokenline.stage import Stage

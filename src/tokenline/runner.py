@@ -32,7 +32,7 @@ from tokenline.layout import (
 from tokenline.locks import hold_locks, sweep_leftovers, sweep_work_folder
 from tokenline.pipeline import PRODUCER, params_keys, stage_closure, upstream_stages
 from tokenline.stage import INIT, Stage, StageContext, StageResult
-from tokenline.tokenizer.spec import tokenizer_config_values
+from tokenline.tokenizer.spec import check_two_stage_params, tokenizer_config_values
 from tokenline.tracking import start_tracker
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ def check_params(params: Params) -> None:
     """
     try:
         tokenizer_config_values(params, text_dim=0, check=True)
+        check_two_stage_params(params)
         check_generator_params(params)
     except ValueError as error:
         raise ConfigError(f"invalid params: {error}") from None

@@ -106,16 +106,24 @@ class TrainConfig:
     # exported weights they start from and run in eval mode, so every latent, the token cache
     # and any generator trained on it stay valid. Meant for `--resume` of a trained tokenizer.
     freeze_encoder: bool = False
+    # Two-stage training (TiTok; tokenline.tokenizer.two_stage): with a grid teacher, the first
+    # proxy_steps steps learn the teacher's latents, the rest fine-tune the decoder on pixels with
+    # the encoder frozen. 0: pixels from the first step (and no teacher is needed).
+    proxy_steps: StrictInt = 0
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self):
         if isinstance(self.loss, dict):  # from a saved train_config.json
             self.loss = LossConfig(**self.loss)
         check_loop_settings(self)
+        check_count(self, "proxy_steps", low=0)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready fields."""
-        return asdict(self)
+        """Plain JSON-ready fields; `proxy_steps` only when used, so older configs (and their hashes) stay as they were."""
+        values = asdict(self)
+        if not values["proxy_steps"]:
+            del values["proxy_steps"]
+        return values
 
 
 @dataclass

@@ -199,6 +199,18 @@ def write_state_folder(
             atomic_write_json(temp / name, document)
 
 
+def write_training_state(folder: str | Path, model: nn.Module, ema: EMA, optimizer, scheduler, config: Any,
+                         progress: RunProgress, extra_tensors: Mapping[str, Mapping[str, Tensor]] | None = None,
+                         extra_objects: Mapping[str, Any] | None = None) -> None:
+    """A training loop's state folder: weights, EMA, optimizer, scheduler, progress and both configs."""
+    write_state_folder(
+        folder,
+        {MODEL_WEIGHTS: model.state_dict(), EMA_WEIGHTS: ema.state_dict(), **(extra_tensors or {})},
+        {OPTIMIZER: optimizer.state_dict(), SCHEDULER: scheduler.state_dict(), **(extra_objects or {})},
+        {PROGRESS: dataclasses.asdict(progress), MODEL_CONFIG: model.config.to_dict(), TRAIN_CONFIG: config.to_dict()},
+    )
+
+
 @dataclass
 class RunProgress:
     """Where a training run stands: the steps taken, the samples seen and the last loss."""
@@ -225,7 +237,7 @@ def start_run(model: nn.Module, state_dir: Path, train_config, resume: bool, for
             f"tokenline never loads); start a fresh run: `tokenline run {stage} --force` without --resume"
         )
     defaults = {f.name: f.default for f in dataclasses.fields(train_config) if f.default is not dataclasses.MISSING}
-    differing = saved_config_differences(state_dir, model.config.to_dict(), train_config.to_dict(), defaults)
+    differing = saved_config_differences(state_dir, model.config.to_dict(), {**defaults, **train_config.to_dict()}, defaults)
     if differing and not force:
         raise ResumeRefusedError(
             f"{state_dir} was trained with a different config ({', '.join(differing)}); "

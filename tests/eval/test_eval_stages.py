@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import REPO, run_stage
 from tokenline.artifacts import read_manifest, write_manifest
-from tokenline.config import load_params
+from tokenline.params_loading import load_params
 from tokenline.eval import checks
 from tokenline.eval.probe import load_probe
 from tokenline.generator.checkpoint import PairingError

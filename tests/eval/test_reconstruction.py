@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from tokenline.config import load_params
+from tokenline.params_loading import load_params
 from tokenline.eval import reconstruction as rec
 from tokenline.pipeline import get_stage
 from tokenline.runner import run_with_upstream

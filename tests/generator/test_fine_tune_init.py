@@ -69,7 +69,7 @@ def test_a_decoder_fine_tune_from_init_keeps_the_encoder_side(generator_project,
 
 
 def _params(root, *sets):
-    from tokenline.config import load_params
+    from tokenline.params_loading import load_params
 
     return load_params(root / "params.yaml", profile="tiny", overrides=["tracking.enabled=false", *sets],
                        dataset="shapes")

@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import run_stage
-from tokenline.config import load_params
+from tokenline.params_loading import load_params
 from tokenline.data.shapes_captions import swapped_caption
 from tokenline.generator.model import FlowTransformer, GeneratorConfig, MaskedTransformer, TextBatch
 from tokenline.generator.objectives import SwapTerm, flow_matching_swap_loss

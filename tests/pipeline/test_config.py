@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tokenline.config import ConfigError, load_params
+from tokenline.config import ConfigError
+from tokenline.params_loading import load_params
 from tokenline.runner import check_params
 
 

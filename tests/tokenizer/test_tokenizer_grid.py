@@ -9,7 +9,8 @@ import torch
 
 from conftest import REPO, run_stage
 from tokenline.artifacts import read_manifest
-from tokenline.config import ConfigError, load_params
+from tokenline.config import ConfigError
+from tokenline.params_loading import load_params
 from tokenline.runner import check_params
 from tokenline.tokenizer.checkpoint import CONFIG, load_checkpoint, save_checkpoint
 from tokenline.tokenizer.model import Tokenizer1D, TokenizerConfig

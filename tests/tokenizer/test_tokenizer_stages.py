@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, run_stage
 from tokenline.artifacts import read_manifest
-from tokenline.config import load_params
+from tokenline.params_loading import load_params
 from tokenline.eval import checks as eval_checks
 from tokenline.layout import output_path, report_path
 from tokenline.pipeline import get_stage

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import safetensors.torch
 import torch
 
-from conftest import REPO, run_stage
 from tokenline.tokenizer.model import TOKENIZER_SIZES, Tokenizer1D
 from tokenline.tokenizer.train import (
     DISC_WEIGHTS,
     EMA,
-    EMA_WEIGHTS,
-    MODEL_WEIGHTS,
-    PROGRESS,
     LossConfig,
     ResumeRefusedError,
     ShardImages,
@@ -26,17 +21,9 @@ from tokenline.tokenizer.train import (
     pixel_losses,
     train_tokenizer,
 )
+from tokenline.training import EMA_WEIGHTS, MODEL_WEIGHTS, PROGRESS
 
 pytestmark = pytest.mark.integration  # runs stages, trains or starts processes
-
-
-@pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory):
-    """Tiny 32 px shapes shards, built once by tokenline's own pipeline."""
-    root = tmp_path_factory.mktemp("project")
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    run_stage(root, "shards", "shapes")
-    return root / "data" / "shapes" / "shards"
 
 
 def tiny_model(seed: int = 0, **overrides) -> Tokenizer1D:

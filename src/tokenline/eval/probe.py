@@ -207,6 +207,19 @@ def random_resized_crop(images: Tensor, generator: torch.Generator) -> Tensor:
 # Training
 # -----------------------------------------------------------------------------
 
+def _probe_step(probe: AlignmentProbe, optimizer, scheduler, pixels: Tensor, pooled: Tensor, step: int) -> float:
+    """One clipped AdamW step on a batch's contrastive loss; the loss, or FloatingPointError if not finite."""
+    loss = probe(pixels, pooled)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite probe loss ({loss.item()}) at step {step}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(probe.parameters(), GRAD_CLIP)
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
 def train_probe(
     images: Tensor,
     pooled: Tensor,
@@ -245,17 +258,12 @@ def train_probe(
         pixels = to_probe_pixels(images[rows.to(images.device)].to(device), config.image_size)
         if train.augment:
             pixels = random_resized_crop(pixels, generator)
-        loss = probe(pixels, pooled[rows.to(pooled.device)])
-        if not torch.isfinite(loss):
-            bar.close()
-            raise FloatingPointError(f"non-finite probe loss ({loss.item()}) at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(probe.parameters(), GRAD_CLIP)
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        loss_value = loss.item()
+        try:
+            loss_value = _probe_step(probe, optimizer, scheduler, pixels, pooled[rows.to(pooled.device)], step)
+        except FloatingPointError:
+            bar.close()
+            raise
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if log_fn is not None and (step % train.log_every == 0 or step == train.steps):

@@ -193,25 +193,9 @@ def _codebook_size(tokenizer) -> int | None:
     return int(codebook.shape[0]) if codebook is not None else None
 
 
-def evaluate_reconstruction(
-    tokenizer,
-    shard_dir: str | Path,
-    split: str = "val",
-    text_for: Callable[[list[str]], Any] | None = None,
-    batch_size: int = 32,
-    max_samples: int | None = None,
-    grid: int = 8,
-) -> tuple[dict[str, Any], Image.Image | None]:
-    """Reconstruct a shards split through the tokenizer: (image_metrics | code_statistics | split, grid image)."""
-    # text_for(captions) returns the tokenizer's text argument for a batch (text-conditioned tokenizers), or
-    # None. The grid image holds the first `grid` originals above their reconstructions; it is None when
-    # grid <= 0. A split without samples is an error: metrics over nothing would be silently meaningless.
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if max_samples is not None and max_samples < 1:
-        raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
-    shard_dir = Path(shard_dir)
+def _reconstruct(tokenizer, shard_dir: Path, split: str, text_for, batch_size: int, max_samples: int | None
+                 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Each batch of the split through encode and decode: (original batches, reconstructed batches, code batches)."""
     config = tokenizer.config
     device = next(tokenizer.parameters()).device
     was_training = tokenizer.training
@@ -242,6 +226,30 @@ def evaluate_reconstruction(
         progress.close()
         tokenizer.train(was_training)
 
+    return originals, reconstructions, codes
+
+
+def evaluate_reconstruction(
+    tokenizer,
+    shard_dir: str | Path,
+    split: str = "val",
+    text_for: Callable[[list[str]], Any] | None = None,
+    batch_size: int = 32,
+    max_samples: int | None = None,
+    grid: int = 8,
+) -> tuple[dict[str, Any], Image.Image | None]:
+    """Reconstruct a shards split through the tokenizer: (image_metrics | code_statistics | split, grid image)."""
+    # text_for(captions) returns the tokenizer's text argument for a batch (text-conditioned tokenizers), or
+    # None. The grid image holds the first `grid` originals above their reconstructions; it is None when
+    # grid <= 0. A split without samples is an error: metrics over nothing would be silently meaningless.
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
+    shard_dir = Path(shard_dir)
+    config = tokenizer.config
+    originals, reconstructions, codes = _reconstruct(tokenizer, shard_dir, split, text_for, batch_size, max_samples)
     if not originals:
         raise ValueError(f"{shard_dir}: the {split!r} split has no samples to evaluate")
     originals_t, reconstructions_t = torch.cat(originals), torch.cat(reconstructions)

@@ -13,7 +13,6 @@ whatever the split's length, which DDP needs.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -33,20 +32,13 @@ from tokenline.generator.swap_pairs import require_partners, swap_partners
 from tokenline.tokenizer.token_cache import TokenCache
 from tokenline.train_config import GeneratorTrainConfig
 from tokenline.training import (
-    EMA_WEIGHTS,
-    MODEL_CONFIG,
-    MODEL_WEIGHTS,
-    OPTIMIZER,
-    PROGRESS,
-    SCHEDULER,
-    TRAIN_CONFIG,
     RunProgress,
     StepLoop,
     apply_gradients,
     begin_training,
     restore_run,
     training_summary,
-    write_state_folder,
+    write_training_state,
 )
 
 __all__ = ["CHECKPOINT", "STATE", "cache_batches", "train_generator"]
@@ -149,12 +141,7 @@ def train_generator(
 
     def checkpoint(progress: RunProgress) -> None:
         if accelerator.is_main_process:
-            write_state_folder(
-                state_dir,
-                {MODEL_WEIGHTS: raw_model.state_dict(), EMA_WEIGHTS: ema.state_dict()},
-                {OPTIMIZER: optimizer.state_dict(), SCHEDULER: scheduler.state_dict()},
-                {PROGRESS: asdict(progress), MODEL_CONFIG: raw_model.config.to_dict(), TRAIN_CONFIG: config.to_dict()},
-            )
+            write_training_state(state_dir, raw_model, ema, optimizer, scheduler, config, progress)
             exported = copy.deepcopy(raw_model)
             ema.copy_to(exported)
             with atomic_dir(out_dir / CHECKPOINT) as temp:

@@ -7,6 +7,10 @@ TiTok's layout, with TexTok's option of caption tokens in both encoder and decod
 outputs at the patch positions are the latents themselves (one per patch, raster order, so
 K = grid**2), and the decoder reads that latent grid directly as its patch tokens (no mask
 tokens). Everything downstream sees [B, K, D] latents either way.
+
+`teacher` (TiTok's two-stage training) makes the 1D decoder predict a grid teacher's latents at
+every patch position (`to_teacher`), and a copy of the teacher's decoder (`pixel_decoder`) paints
+them: one model, pixels -> K tokens -> pixels, that needs no teacher once trained.
 """
 
 from __future__ import annotations
@@ -56,9 +60,10 @@ class TokenizerConfig:
     mlp_ratio: float = 4.0      # MLP hidden width / width
     dropout: float = 0.0        # dropout in attention and MLP
     layout: str = "1d"          # 1d: K learned latent tokens | grid: the patch outputs are the latents (K = grid**2)
+    teacher: dict[str, Any] | None = None  # a grid tokenizer's config: its latents are the 1D decoder's targets (two-stage)
 
     def __post_init__(self):
-        if self.num_tokens not in TOKEN_COUNTS:
+        if self.layout != "grid" and self.num_tokens not in TOKEN_COUNTS:  # a grid has grid**2, whatever that is
             raise ValueError(f"num_tokens must be one of {TOKEN_COUNTS}, not {self.num_tokens}")
         if self.image_size % self.patch_size:
             raise ValueError(f"patch_size {self.patch_size} does not divide image_size {self.image_size}")
@@ -76,6 +81,14 @@ class TokenizerConfig:
                 f"{self.patch_size} gives {self.grid}x{self.grid} = {self.grid**2} latents, but num_tokens "
                 f"is {self.num_tokens}; set num_tokens to {self.grid**2} or use layout '1d'"
             )
+        if self.teacher is not None:
+            self.teacher = TokenizerConfig.from_dict(self.teacher).to_dict()  # checked, and stored plain
+            check_teacher_fits(self, self.teacher_config)
+
+    @property
+    def teacher_config(self) -> TokenizerConfig | None:
+        """The grid teacher's config (two-stage training), or None."""
+        return None if self.teacher is None else TokenizerConfig.from_dict(self.teacher)
 
     @property
     def grid(self) -> int:
@@ -85,14 +98,27 @@ class TokenizerConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready fields; `layout` only when not "1d", so 1D configs (and their hashes) stay as before."""
         values = asdict(self)
-        if values["layout"] == "1d":
-            del values["layout"]
+        for name, default in (("layout", "1d"), ("teacher", None)):
+            if values[name] == default:  # absent when unused: older configs and their hashes stay as they were
+                del values[name]
         return values
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TokenizerConfig:
         """The config from to_dict's output; unknown fields are an error."""
         return config_from_dict(cls, values, "tokenizer")
+
+
+def check_teacher_fits(student: TokenizerConfig, teacher: TokenizerConfig) -> None:
+    """ValueError unless `teacher` can be a 1D tokenizer's proxy target: a grid, same resolution, patch and channels."""
+    if teacher.layout != "grid":
+        raise ValueError(f"a teacher tokenizer must have layout 'grid', not {teacher.layout!r}")
+    if teacher.text_dim:
+        raise ValueError("a teacher tokenizer reads pixels only (text_dim 0)")
+    for name in ("image_size", "patch_size", "channels"):
+        if getattr(teacher, name) != getattr(student, name):
+            raise ValueError(f"the teacher's {name} is {getattr(teacher, name)}, the 1D tokenizer's "
+                             f"{getattr(student, name)}: they must match (one teacher latent per 1D decoder patch)")
 
 
 # -----------------------------------------------------------------------------
@@ -153,7 +179,39 @@ class Transformer(nn.Module):
 # -----------------------------------------------------------------------------
 
 # Top-level attributes of Tokenizer1D that turn latents into pixels; every other one makes latents.
-DECODER_SIDE = ("from_latent", "latent_pos", "mask_token", "mask_pos", "decoder", "to_pixels")
+DECODER_SIDE = ("from_latent", "latent_pos", "mask_token", "mask_pos", "decoder", "to_pixels", "to_teacher",
+                "pixel_decoder")
+
+
+def patches_to_images(patches: Tensor, c: TokenizerConfig) -> Tensor:
+    """Per-patch pixel predictions [B, grid**2, p*p*C] -> images [B, C, H, W] in [-1, 1]."""
+    images = rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=c.grid, p=c.patch_size, q=c.patch_size)
+    return torch.tanh(images)
+
+
+class GridPixelDecoder(nn.Module):
+    """A grid tokenizer's decoder alone: latents at the patch positions [B, grid**2, D] -> pixels.
+
+    Its parameter names are the grid Tokenizer1D's own, so a teacher's decoder-side weights load as they are.
+    """
+
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        c = self.config = config
+        self.from_latent = nn.Linear(c.token_dim, c.width)
+        self.latent_pos = nn.Parameter(torch.zeros(c.grid**2, c.width))
+        self.decoder = Transformer(c)
+        self.to_pixels = nn.Linear(c.width, c.patch_size**2 * c.channels)
+
+    def forward(self, latents: Tensor) -> Tensor:
+        """Teacher latents [B, grid**2, D] -> images [B, C, H, W] in [-1, 1]."""
+        x = self.decoder(self.from_latent(latents) + self.latent_pos, None)
+        return patches_to_images(self.to_pixels(x), self.config)
+
+    def load_teacher(self, teacher: nn.Module) -> None:
+        """Copy a grid tokenizer's decoder-side weights (strict: every tensor present and shaped alike)."""
+        own = set(self.state_dict())
+        self.load_state_dict({name: t for name, t in teacher.state_dict().items() if name in own})
 
 
 def on_decoder_side(name: str) -> bool:
@@ -190,7 +248,12 @@ class Tokenizer1D(nn.Module):
             self.mask_token = nn.Parameter(torch.randn(c.width) * 0.02)
             self.mask_pos = nn.Parameter(torch.randn(patches, c.width) * 0.02)
         self.decoder = Transformer(c)
-        self.to_pixels = nn.Linear(c.width, c.patch_size**2 * c.channels)
+        if c.teacher is None:
+            self.to_pixels = nn.Linear(c.width, c.patch_size**2 * c.channels)
+        else:  # two-stage: predict the teacher's latent at each patch, its decoder paints them
+            teacher = c.teacher_config
+            self.to_teacher = nn.Linear(c.width, teacher.token_dim)
+            self.pixel_decoder = GridPixelDecoder(teacher)
         self.apply(_init_linear)
 
     def _text(self, text, batch: int) -> tuple[Tensor, Tensor] | None:
@@ -227,24 +290,42 @@ class Tokenizer1D(nn.Module):
         x = self.encoder(torch.cat([x, latents], dim=1), text)
         return self.quantizer(self.to_latent(x[:, -self.config.num_tokens :]))
 
-    def decode(self, latents: Tensor, text=None) -> Tensor:
-        """Latents [B, K, D] -> images [B, C, H, W] in [-1, 1]."""
+    def _decode_patches(self, latents: Tensor, text) -> Tensor:
+        """Latents [B, K, D] -> the decoder's output at every patch position [B, grid**2, width]."""
         c = self.config
         text = self._text(text, len(latents))
         x = self.from_latent(latents) + self.latent_pos
         if c.layout == "grid":  # the latent grid is the patch sequence
-            x = self.decoder(x, text)
-        else:
-            masks = (self.mask_token + self.mask_pos).expand(len(latents), -1, -1)
-            x = self.decoder(torch.cat([x, masks], dim=1), text)[:, c.num_tokens :]
-        patches = self.to_pixels(x)
-        images = rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=c.grid, p=c.patch_size, q=c.patch_size)
-        return torch.tanh(images)
+            return self.decoder(x, text)
+        masks = (self.mask_token + self.mask_pos).expand(len(latents), -1, -1)
+        return self.decoder(torch.cat([x, masks], dim=1), text)[:, c.num_tokens :]
 
-    def forward(self, images: Tensor, text=None) -> tuple[Tensor, QuantizerOutput]:
-        """Reconstruct images through the tokens: (reconstruction, quantizer output)."""
+    def predict_teacher(self, latents: Tensor, text=None) -> Tensor:
+        """Two-stage only: latents [B, K, D] -> the teacher's latents at every patch [B, grid**2, teacher D]."""
+        if self.config.teacher is None:
+            raise ValueError("this tokenizer has no teacher: predict_teacher needs a two-stage tokenizer")
+        return self.to_teacher(self._decode_patches(latents, text))
+
+    def decode(self, latents: Tensor, text=None) -> Tensor:
+        """Latents [B, K, D] -> images [B, C, H, W] in [-1, 1]."""
+        if self.config.teacher is not None:
+            return self.pixel_decoder(self.predict_teacher(latents, text))
+        return patches_to_images(self.to_pixels(self._decode_patches(latents, text)), self.config)
+
+    def forward(self, images: Tensor, text=None, predict: str = "pixels") -> tuple[Tensor, QuantizerOutput]:
+        """Reconstruct images through the tokens: (reconstruction, quantizer output).
+
+        predict="teacher" (two-stage only) returns the predicted teacher latents in place of pixels.
+        """
         quantized = self.encode(images, text)
+        if predict == "teacher":
+            return self.predict_teacher(quantized.latents, text), quantized
         return self.decode(quantized.latents, text), quantized
+
+    @property
+    def last_layer(self) -> nn.Linear:
+        """The layer that writes pixels (where VQGAN's adaptive GAN weight compares gradients)."""
+        return self.to_pixels if self.config.teacher is None else self.pixel_decoder.to_pixels
 
     def decode_codes(self, codes: Tensor, text=None) -> Tensor:
         """Images from discrete codes (vq, softvq: [B, K] ids; binary: [B, K, D] bits)."""

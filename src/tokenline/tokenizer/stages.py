@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import torch
@@ -11,7 +12,7 @@ from tokenline.artifacts import atomic_write_json, read_manifest
 from tokenline.contact_sheet import contact_sheet
 from tokenline.data.shards import iter_shard_samples
 from tokenline.layout import work_path
-from tokenline.model_checkpoint import start_from_checkpoint
+from tokenline.model_checkpoint import read_config, start_from_checkpoint
 from tokenline.stage import INIT, AssetCheck, Stage, StageContext, StageResult
 from tokenline.text.captions import (
     CaptionTexts,
@@ -21,9 +22,9 @@ from tokenline.text.captions import (
     text_cache_dir,
 )
 from tokenline.tokenizer import checks as tokenizer_checks
-from tokenline.tokenizer.model import Tokenizer1D
+from tokenline.tokenizer.model import Tokenizer1D, TokenizerConfig, check_teacher_fits
 from tokenline.tokenizer.pixels import samples_to_batch, tensor_to_image
-from tokenline.tokenizer.spec import tokenizer_config
+from tokenline.tokenizer.spec import teacher_config, tokenizer_config
 from tokenline.tokenizer.token_cache import TokenCache
 from tokenline.tokenizer.token_cache_writer import write_token_cache
 from tokenline.tokenizer.train import CHECKPOINT, train_tokenizer
@@ -67,8 +68,14 @@ def tokenizer(ctx: StageContext) -> StageResult:
     p = ctx.params.tokenizer
     texts = caption_texts(ctx, p.text_tokens)
     text_dim = texts.cache.encoder.token_dim if texts is not None else 0
+    teacher = _teacher(ctx) if p.train.proxy_steps else None
     seed_everything(p.train.seed)  # the initial weights are drawn here: two fresh runs start alike
-    model = Tokenizer1D(tokenizer_config(ctx.params, text_dim))
+    config = tokenizer_config(ctx.params, text_dim)
+    if teacher is not None:
+        config = _with_teacher(config, teacher, ctx)
+    model = Tokenizer1D(config)
+    if teacher is not None:
+        model.pixel_decoder.load_teacher(teacher)
     work = work_path(ctx.root, ctx.dataset, "tokenizer")
     # A fresh run leaves an old state folder where it is (it reads nothing from it) until its own
     # first state replaces it: a fresh run that fails early cannot destroy a run worth resuming.
@@ -78,7 +85,7 @@ def tokenizer(ctx: StageContext) -> StageResult:
     summary = train_tokenizer(
         model, ctx.inputs["shards"], work, p.train,
         resume=ctx.resume,
-        force=ctx.force, log_fn=ctx.tracker.log_metrics, text_fn=texts,
+        force=ctx.force, log_fn=ctx.tracker.log_metrics, text_fn=texts, teacher=teacher,
     )
     out = ctx.outputs["tokenizer"]
     for file in sorted((work / CHECKPOINT).iterdir()):
@@ -94,6 +101,50 @@ def tokenizer(ctx: StageContext) -> StageResult:
     pairs = reconstruction_pairs(trained, ctx, texts, max(1, ctx.params.tracking.contact_sheet // 2))
     if pairs:
         ctx.tracker.log_image(contact_sheet([image for image, _ in pairs]), f"samples/{RECONSTRUCTIONS}")
+    metrics = {key: float(summary[key]) for key in ("final_loss", "images_per_s", "wall_time_s")}
+    return StageResult(counts={"steps": int(summary["steps"]), "params": trained.num_params()}, metrics=metrics, samples=pairs)
+
+
+def _teacher(ctx: StageContext) -> Tokenizer1D:
+    """The grid teacher checkpoint of the lineage (stage teacher_tokenizer), frozen."""
+    teacher = Tokenizer1D.from_checkpoint(ctx.inputs["teacher_tokenizer"])
+    return teacher.requires_grad_(False)
+
+
+def _with_teacher(config: TokenizerConfig, teacher: Tokenizer1D, ctx: StageContext) -> TokenizerConfig:
+    """The 1D config with the teacher's config inside; a teacher that does not fit is refused naming both folders."""
+    where = f"the 1D tokenizer ({ctx.outputs['tokenizer'].name} of {ctx.dataset}) and its teacher ({ctx.inputs['teacher_tokenizer']})"
+    try:
+        check_teacher_fits(config, teacher.config)
+    except ValueError as error:
+        raise ValueError(f"{where} do not fit: {error}") from None
+    if INIT in ctx.inputs:
+        started = read_config(ctx.inputs[INIT], TokenizerConfig.from_dict, "tokenizer")
+        if started.teacher is not None and started.teacher != teacher.config.to_dict():
+            raise ValueError(f"tokenizer.init {ctx.inputs[INIT]} was trained against another teacher than "
+                             f"{ctx.inputs['teacher_tokenizer']}: start from a tokenizer of this teacher")
+    return dataclasses.replace(config, teacher=teacher.config.to_dict())
+
+
+# --------------------------------------------------------------------------------------
+# teacher_tokenizer
+# --------------------------------------------------------------------------------------
+
+
+def teacher_tokenizer(ctx: StageContext) -> StageResult:
+    """Train the grid teacher of two-stage training: one latent per patch, trained on pixels."""
+    p = ctx.params.teacher_tokenizer
+    seed_everything(p.train.seed)
+    model = Tokenizer1D(teacher_config(ctx.params))
+    work = work_path(ctx.root, ctx.dataset, "teacher_tokenizer")
+    summary = train_tokenizer(model, ctx.inputs["shards"], work, p.train, resume=ctx.resume, force=ctx.force,
+                              log_fn=ctx.tracker.log_metrics)
+    out = ctx.outputs["teacher_tokenizer"]
+    for file in sorted((work / CHECKPOINT).iterdir()):
+        shutil.copy2(file, out / file.name)
+    trained = Tokenizer1D.from_checkpoint(out)
+    atomic_write_json(out / TRAINING, {**summary, "train": p.train.to_dict(), "num_params": trained.num_params()})
+    pairs = reconstruction_pairs(trained, ctx, None, max(1, ctx.params.tracking.contact_sheet // 2))
     metrics = {key: float(summary[key]) for key in ("final_loss", "images_per_s", "wall_time_s")}
     return StageResult(counts={"steps": int(summary["steps"]), "params": trained.num_params()}, metrics=metrics, samples=pairs)
 
@@ -137,12 +188,27 @@ def tokens(ctx: StageContext) -> StageResult:
 
 STAGES = (
     Stage(
+        name="teacher_tokenizer",
+        func=teacher_tokenizer,
+        area="tokenizer",
+        description="Train the grid teacher of two-stage training (one kl latent per 8-pixel patch); "
+        "the 1D tokenizer learns its latents first (tokenizer.train.proxy_steps).",
+        inputs=("shards",),
+        outputs=("teacher_tokenizer",),
+        models=("teacher_tokenizer",),
+        params=("data", "teacher_tokenizer"),
+        checks=(
+            AssetCheck("finite_weights", "teacher_tokenizer", "every teacher weight is finite",
+                       tokenizer_checks.teacher_finite_weights),
+        ),
+    ),
+    Stage(
         name="tokenizer",
         func=tokenizer,
         area="tokenizer",
         description="Train the 1D tokenizer (ViT encoder -> K tokens -> quantizer -> ViT decoder) "
         "with accelerate; EMA weights as safetensors + config in models/<dataset>/tokenizer.",
-        inputs=("shards", "captions"),
+        inputs=("shards", "captions", "teacher_tokenizer"),
         outputs=("tokenizer",),
         models=("tokenizer",),
         code=("text",),

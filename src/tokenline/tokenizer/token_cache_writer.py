@@ -67,7 +67,6 @@ def write_token_cache(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     config = tokenizer.config
     code_kind = _code_kind(config.quantizer)
-    k, d = config.num_tokens, config.token_dim
     codebook_size = len(tokenizer.quantizer.codebook) if code_kind == "ids" else None
 
     captions = _stage_captions(captions_dir)
@@ -89,20 +88,29 @@ def write_token_cache(
             if text_dims is None and not keys:
                 empty = text_encoder.encode([])  # an empty encoding still has the widths
                 text_dims = (empty.pooled.shape[-1], empty.tokens.shape[-1])
-            _write_split(out_dir / split, parts, keys, texts, code_kind, (k, d), text_tokens, text_dims)
+            token_shape = (config.num_tokens, config.token_dim)
+            _write_split(out_dir / split, parts, keys, texts, code_kind, token_shape, text_tokens, text_dims)
             counts[split] = len(keys)
     finally:
         tokenizer.train(was_training)
 
     if text_dims is None:  # both splits empty and the encoder could not say
         text_dims = (0, 0)
-    meta = {
+    meta = _cache_meta(config, tokenizer_hash, codebook_size, code_kind, text_tokens, text_dims, text_encoder, counts)
+    atomic_write_json(out_dir / META, meta)
+    return {**counts, "total": sum(counts.values())}
+
+
+def _cache_meta(config, tokenizer_hash: str, codebook_size: int | None, code_kind: str | None, text_tokens: int,
+                text_dims: tuple[int, int], text_encoder, counts: dict[str, int]) -> dict[str, Any]:
+    """meta.json: what made the cache (tokenizer hash and config, text encoder) and the shapes readers check."""
+    return {
         "format": FORMAT,
         "tokenizer_hash": tokenizer_hash,
         "tokenizer_config": config.to_dict(),
         "quantizer": config.quantizer,
-        "num_tokens": k,
-        "token_dim": d,
+        "num_tokens": config.num_tokens,
+        "token_dim": config.token_dim,
         "codebook_size": codebook_size,
         "has_codes": code_kind is not None,
         "text_tokens": text_tokens,
@@ -111,8 +119,6 @@ def write_token_cache(
         "text_encoder": _describe_encoder(text_encoder),
         "splits": dict(counts),
     }
-    atomic_write_json(out_dir / META, meta)
-    return {**counts, "total": sum(counts.values())}
 
 
 def _encode_split(tokenizer, shard_dir: Path, split: str, total: int, captions: dict[str, str], text_encoder,

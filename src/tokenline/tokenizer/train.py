@@ -8,7 +8,7 @@ out_dir/checkpoint/  the EMA weights as a plain tokenizer checkpoint (save_check
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenline.artifacts import atomic_dir
-from tokenline.data.stages import iter_shard_samples
+from tokenline.data.shards import iter_shard_samples
 from tokenline.tokenizer.adversarial import (
     PatchDiscriminator,
     adaptive_weight,
@@ -29,17 +29,11 @@ from tokenline.tokenizer.adversarial import (
     load_perceptual_loss,
 )
 from tokenline.tokenizer.checkpoint import save_checkpoint
-from tokenline.tokenizer.model import Tokenizer1D, on_decoder_side
+from tokenline.tokenizer.model import Tokenizer1D
+from tokenline.tokenizer.two_stage import PROXY, enter_phase, phase_at, proxy_loss, teacher_targets
 from tokenline.train_config import LossConfig, TrainConfig
 from tokenline.training import (
     EMA,
-    EMA_WEIGHTS,
-    MODEL_CONFIG,
-    MODEL_WEIGHTS,
-    OPTIMIZER,
-    PROGRESS,
-    SCHEDULER,
-    TRAIN_CONFIG,
     ResumeRefusedError,
     RunProgress,
     StepLoop,
@@ -49,7 +43,7 @@ from tokenline.training import (
     restore_run,
     saved_config_differences,
     training_summary,
-    write_state_folder,
+    write_training_state,
 )
 
 __all__ = [
@@ -125,34 +119,11 @@ class _Adversary:
 
 def _write_state(folder: Path, model, ema, optimizer, scheduler, adversary, config, progress: RunProgress) -> None:
     """Write a complete state folder, replacing the old one only once the new one is whole."""
-    tensors = {MODEL_WEIGHTS: model.state_dict(), EMA_WEIGHTS: ema.state_dict()}
-    objects = {OPTIMIZER: optimizer.state_dict(), SCHEDULER: scheduler.state_dict()}
+    tensors, objects = {}, {}
     if adversary is not None:
         tensors[DISC_WEIGHTS] = adversary.discriminator.state_dict()
         objects[DISC_OPTIMIZER] = adversary.optimizer.state_dict()
-    documents = {
-        PROGRESS: asdict(progress),
-        MODEL_CONFIG: model.config.to_dict(),
-        TRAIN_CONFIG: config.to_dict(),
-    }
-    write_state_folder(folder, tensors, objects, documents)
-
-
-def freeze_encoder_side(model: Tokenizer1D, ema: EMA) -> None:
-    """Fix the encoder and quantizer at their exported (EMA) weights, in eval mode, so the latents stay as they are.
-
-    Eval mode matters beyond dropout: codebook quantizers update usage buffers while training,
-    and the kl quantizer samples its posterior; frozen, it hands the decoder its means, which
-    are the latents the token cache holds.
-    """
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if not on_decoder_side(name):
-                parameter.copy_(ema.shadow[name].to(parameter.dtype))
-                parameter.requires_grad_(False)
-    for name, module in model.named_children():
-        if not on_decoder_side(name):
-            module.eval()
+    write_training_state(folder, model, ema, optimizer, scheduler, config, progress, tensors, objects)
 
 
 def _export(folder: Path, model: Tokenizer1D, ema: EMA) -> None:
@@ -249,7 +220,7 @@ def _shard_loader(shard_dir: str | Path, config: TrainConfig, start: int, accele
 
 def _tokenizer_loss(model, raw_model: Tokenizer1D, images: Tensor, text, weights: LossConfig, perceptual,
                     adversary: _Adversary | None, step: int) -> tuple[Tensor, Tensor, Any, dict[str, Tensor]]:
-    """One step's loss: pixel terms (+ perceptual), the quantizer's, and after warm-up the adaptive GAN term.
+    """One pixel-phase step's loss: pixel terms (+ perceptual), the quantizer's, and after warm-up the adaptive GAN term.
 
     Returns (loss, reconstruction, the quantizer output, the terms by name); a `generator` term
     means the adversary is on this step.
@@ -266,9 +237,16 @@ def _tokenizer_loss(model, raw_model: Tokenizer1D, images: Tensor, text, weights
     if adversary is not None and adversarial_factor(step, weights.adversarial_start) > 0:
         terms["generator"] = hinge_generator_loss(adversary.discriminator(reconstruction))
         # Balances the two gradients at the decoder's last layer, as VQGAN does.
-        terms["adaptive_weight"] = adaptive_weight(reconstruction_loss, terms["generator"], raw_model.to_pixels.weight)
+        terms["adaptive_weight"] = adaptive_weight(reconstruction_loss, terms["generator"], raw_model.last_layer.weight)
         loss = loss + weights.adversarial * terms["adaptive_weight"] * terms["generator"]
     return loss, reconstruction, quantized, terms
+
+
+def _proxy_step_loss(model, images: Tensor, text, teacher: Tokenizer1D) -> tuple[Tensor, Any, dict[str, Tensor]]:
+    """One proxy-phase step's loss: the teacher-latent term plus the quantizer's; (loss, quantizer output, terms)."""
+    predicted, quantized = model(images, text, predict="teacher")
+    terms = {"proxy": proxy_loss(predicted, teacher_targets(teacher, images), teacher)}
+    return terms["proxy"] + quantized.loss.float(), quantized, terms
 
 
 def _discriminator_step(accelerator, adversary: _Adversary, images: Tensor, reconstruction: Tensor) -> Tensor:
@@ -307,34 +285,31 @@ def train_tokenizer(
     force: bool = False,
     log_fn: Callable[[int, dict[str, float]], None] | None = None,
     text_fn: TextFn | None = None,
+    teacher: Tokenizer1D | None = None,
 ) -> dict[str, float]:
     """Train `model` on a shards folder's train split; returns steps, final_loss, images_per_s, wall_time_s.
 
     `text_fn(keys)` gives the caption input (states [B, T, D], mask [B, T]) of a batch's sample
-    keys; a text-conditioned model needs it. Under `accelerate launch` each process reads its
-    own part of the data and only the main process writes state folders and checkpoints.
+    keys; a text-conditioned model needs it. A two-stage model (config.teacher) needs its grid
+    `teacher` for the first `config.proxy_steps` steps (tokenline.tokenizer.two_stage). Under
+    `accelerate launch` each process reads its own part of the data and only the main process
+    writes state folders and checkpoints.
     """
     out_dir = Path(out_dir)
     state_dir = out_dir / STATE
-    if model.config.text_dim and text_fn is None:
-        raise ValueError("the model is text-conditioned (text_dim > 0): pass text_fn to give each batch its captions")
+    _check_inputs(model, config, text_fn, teacher)
     run = begin_training(model, state_dir, config, resume, force, "tokenizer")
     accelerator, begun, ema, optimizer, scheduler = run.accelerator, run.begun, run.ema, run.optimizer, run.scheduler
-    adversary, perceptual = _loss_modules(config, model.config.channels, accelerator.device)
-    if resume:  # after every module that draws from the RNG is built: see begin_training
-        restore_run(state_dir, ema, optimizer, scheduler, config.lr, config.weight_decay)
-        _restore_adversary(adversary, state_dir)
-    if config.freeze_encoder:
-        freeze_encoder_side(model, ema)
+    adversary, perceptual, phase = _set_up(model, run, config, state_dir, resume, teacher)
 
     data, loader = _shard_loader(shard_dir, config, begun.samples_seen, accelerator)
+    size = model.config.image_size
+    if data.images.shape[-1] != size or data.images.shape[-2] != size:
+        raise ValueError(f"{shard_dir}: images are {list(data.images.shape[-2:])}, the model expects {size}x{size}")
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if adversary is not None:
         adversary.discriminator, adversary.optimizer = accelerator.prepare(adversary.discriminator, adversary.optimizer)
     raw_model: Tokenizer1D = accelerator.unwrap_model(model)
-    size = raw_model.config.image_size
-    if data.images.shape[-1] != size or data.images.shape[-2] != size:
-        raise ValueError(f"{shard_dir}: images are {list(data.images.shape[-2:])}, the model expects {size}x{size}")
 
     def checkpoint(progress: RunProgress) -> None:
         if accelerator.is_main_process:
@@ -343,18 +318,18 @@ def train_tokenizer(
             _export(out_dir / CHECKPOINT, raw_model, ema)
         accelerator.wait_for_everyone()
 
-    weights = config.loss
     batches = iter(loader)
     loop = StepLoop("tokenizer", config, begun, config.batch_size * accelerator.num_processes, checkpoint, state_dir,
                     show_bar=accelerator.is_local_main_process)
     while loop.running():
-        images, keys = next(batches)
-        images = images.to(accelerator.device)
-        text = None
-        if text_fn is not None:
-            text = tuple(t.to(accelerator.device) for t in text_fn(list(keys)))
-        loss, reconstruction, quantized, terms = _tokenizer_loss(model, raw_model, images, text, weights, perceptual,
-                                                                 adversary, loop.step)
+        if phase != (phase := phase_at(loop.step, config.proxy_steps, teacher is not None)):
+            enter_phase(raw_model, ema, phase, config.freeze_encoder)
+        images, text = _next_batch(batches, text_fn, accelerator.device)
+        if phase == PROXY:
+            loss, quantized, terms = _proxy_step_loss(model, images, text, teacher)
+        else:
+            loss, reconstruction, quantized, terms = _tokenizer_loss(model, raw_model, images, text, config.loss,
+                                                                     perceptual, adversary, loop.step)
         loop.refuse_non_finite(loss)
         accelerator.backward(loss)
         lr, grad_norm = apply_gradients(accelerator, model, optimizer, scheduler, config.grad_clip)
@@ -367,3 +342,40 @@ def train_tokenizer(
             log_fn(loop.step, _step_metrics(loop, raw_model, quantized, terms, lr, grad_norm))
         loop.checkpoint_if_due()
     return training_summary(loop, run, "images_per_s")
+
+
+def _set_up(model: Tokenizer1D, run, config: TrainConfig, state_dir: Path, resume: bool, teacher: Tokenizer1D | None):
+    """The loss modules, a resumed run's state restored, and the phase of the first step entered:
+    (adversary, perceptual loss, phase)."""
+    adversary, perceptual = _loss_modules(config, model.config.channels, run.accelerator.device)
+    if resume:  # after every module that draws from the RNG is built: see begin_training
+        restore_run(state_dir, run.ema, run.optimizer, run.scheduler, config.lr, config.weight_decay)
+        _restore_adversary(adversary, state_dir)
+    # Set before accelerator.prepare, so a wrapper sees which parameters train. A two-stage run that
+    # crosses from proxy to pixels under several processes changes that set mid-run (docs/tokenizers.md).
+    phase = phase_at(run.begun.step, config.proxy_steps, teacher is not None)
+    enter_phase(model, run.ema, phase, config.freeze_encoder)
+    if teacher is not None:
+        teacher.to(run.accelerator.device)
+    return adversary, perceptual, phase
+
+
+def _next_batch(batches: Iterator, text_fn: TextFn | None, device) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """The next batch's images and, for a text-conditioned model, its caption input, on `device`."""
+    images, keys = next(batches)
+    text = None if text_fn is None else tuple(t.to(device) for t in text_fn(list(keys)))
+    return images.to(device), text
+
+
+def _check_inputs(model: Tokenizer1D, config: TrainConfig, text_fn: TextFn | None, teacher: Tokenizer1D | None) -> None:
+    """ValueError for a missing caption function, or a teacher missing, unwanted or unlike the model's."""
+    if model.config.text_dim and text_fn is None:
+        raise ValueError("the model is text-conditioned (text_dim > 0): pass text_fn to give each batch its captions")
+    if model.config.teacher is None and teacher is not None:
+        raise ValueError("a teacher was given but the model has none in its config (TokenizerConfig.teacher)")
+    if model.config.teacher is not None and config.proxy_steps > 0:
+        if teacher is None:
+            raise ValueError(f"the model is two-stage: pass its grid teacher for the {config.proxy_steps} proxy steps")
+        if teacher.config.to_dict() != model.config.teacher:
+            raise ValueError("the teacher given is not the one the model's config names (TokenizerConfig.teacher)")
+        teacher.eval().requires_grad_(False)
