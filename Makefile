@@ -21,6 +21,7 @@ demo: $(STAMP)
 	@echo "Outputs: data/<dataset>/  Reports: data/reports/<dataset>/  Samples: data/reports/<dataset>/<stage>.png"
 	@echo "MLflow:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns.db"
 	@echo "Dagster: make dagster   DVC: $(BIN)/dvc repro && $(BIN)/dvc metrics show"
+	@echo "Report:  $(CURDIR)/data/reports/report.html"
 
 # One single-threaded worker per core (files stay whole on one worker, so module fixtures are built
 # once): on 2 cores two workers of one thread each beat one worker of two threads.

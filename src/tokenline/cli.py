@@ -76,7 +76,7 @@ def run(
             seen.add((outcome.dataset, outcome.stage))
             state = "fresh" if outcome.skipped else "ran"
             counts = next(iter(outcome.manifests.values()), {}).get("counts", {})
-            summary.append(f"{outcome.dataset or '(all)':<10} {outcome.stage:<10} {state:<6} {counts}")
+            summary.append(f"{outcome.dataset or '(all)':<10} {outcome.stage:<17} {state:<6} {counts}")
 
     try:
         # Per-dataset stages first, dataset by dataset; then the stages that cover every dataset.
@@ -95,6 +95,9 @@ def run(
         raise typer.Exit(1)
     typer.echo("\n".join(summary))
     typer.echo(f"outputs: {root / 'data'}   reports: {root / 'data' / 'reports'}")
+    report = root / "data" / "reports" / "report.html"
+    if report.is_file():
+        typer.echo(f"report: {report}")
     if params.tracking.enabled:
         typer.echo(f"MLflow runs: {tracking_uri(params, root)} (browse: mlflow ui --backend-store-uri {tracking_uri(params, root)})")
 

@@ -155,9 +155,10 @@ def _write_reports(stage: Stage, result: StageResult, params: Params, dataset: s
         atomic_write_bytes(path, (result.html or "").encode())
         written.append((path, "reports"))
     if result.samples:
-        images = [image for image, _ in result.samples[: params.tracking.contact_sheet]]
+        shown = result.samples[: params.tracking.contact_sheet]
         path = samples_path(root, dataset, stage.name)
-        atomic_write_bytes(path, png_bytes(contact_sheet(images)))
+        sheet = contact_sheet([image for image, _ in shown], cell=96, captions=[str(caption) for _, caption in shown])
+        atomic_write_bytes(path, png_bytes(sheet))
         written.append((path, "samples"))
     return written
 
@@ -261,7 +262,7 @@ def _run_if_stale(step: Stage, params: Params, dataset: str | None, root: Path, 
     # A forced step is being rebuilt: its own damaged outputs are what the user asked to replace.
     reason = staleness(step, params, dataset, root, verify=not force)
     if reason is None and not force:
-        log.info("%s on %s is fresh; skipping", step.name, where)
+        log.debug("%s on %s is fresh; skipping", step.name, where)  # the CLI's summary table lists it
         manifests = {name: read_manifest(output_path(root, dataset, name)) for name in step.outputs}
         return StageRun(step.name, dataset, skipped=True, manifests=manifests)
     if reason:

@@ -33,6 +33,9 @@ def test_row_names_both_checkpoints_and_the_sampling():
     assert row["tokenizer"] == "models/a/tokenizer @ tttttttttttt"
     assert row["generator"] == "models/a/generator @ gggggggggggg"
     assert row["sampling"] == "euler · 8 steps · guidance 1.0"
+    masked = _gen_eval(50.0)
+    masked["protocol"] |= {"objective": "masked", "steps": 12, "temperature": 1.0}
+    assert report_row(DatasetSection("a", masked, {}))["sampling"] == "masked decoding · 12 rounds · temperature 1.0 · guidance 1.0"
     assert (row["fid"], row["rfid"], row["samples"]) == (50.0, 80.0, 300)
 
 
@@ -58,6 +61,24 @@ def test_page_is_self_contained_and_escapes_prompts():
     assert decoded.getpixel((0, 0)) == (255, 0, 0)
     # Each dataset's table row carries its own FID.
     assert re.search(r"<td>a</td>.*?<td>50</td>", html, re.S) and re.search(r"<td>b</td>.*?<td>70</td>", html, re.S)
+
+
+def test_the_metrics_come_in_two_tables_narrow_enough_for_a_laptop_window():
+    """One row per dataset in each table; neither has more than ten columns (1,400 px at the page's font size)."""
+    html = render_report([DatasetSection("a", _gen_eval(50.0, clip_score=31.0, shapes_color_acc=0.9), {"rfid": 80.0, "psnr": 20.0})],
+                         "t", "tiny", "abc")
+    tables = re.findall(r"<table>.*?</table>", html, re.S)
+    assert len(tables) == 2
+    assert all(table.count("<th>") <= 10 for table in tables)
+    assert "FID" in tables[1] and "tokenizer PSNR" in tables[0]
+
+
+def test_real_images_and_reconstructions_sit_beside_the_generated_ones():
+    section = DatasetSection("a", _gen_eval(50.0), {}, {"everyday": [{"prompt": "a cat", "png": _png("blue")}]},
+                             reconstructions=_png("green"))
+    html = render_report([section], "t", "tiny", "abc")
+    assert "their reconstructions" in html
+    assert len(re.findall(r'src="data:image/png;base64,', html)) == 2
 
 
 def test_a_plot_without_points_says_so():

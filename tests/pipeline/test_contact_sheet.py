@@ -26,3 +26,17 @@ def test_wide_images_are_padded_not_stretched():
 def test_empty_list_is_an_error():
     with pytest.raises(ValueError, match="at least one image"):
         contact_sheet([])
+
+
+def test_captions_are_drawn_under_their_cells():
+    """Generated samples carry their prompts, so a person can judge them against their captions."""
+    images = [Image.new("RGB", (32, 32), "red")] * 2
+    plain = contact_sheet(images, cell=40)
+    captioned = contact_sheet(images, cell=40, captions=["a red circle", ""])
+    assert captioned.size[0] == plain.size[0] and captioned.size[1] > plain.size[1]
+    pixels = np.asarray(captioned)
+    below_first, below_second = pixels[42:captioned.size[1] - 1, 1:40], pixels[42:captioned.size[1] - 1, 41:80]
+    assert (below_first < 128).any(), "the first caption has dark text"
+    assert (below_second == 255).all(), "an empty caption leaves its strip white"
+    with pytest.raises(ValueError, match="2 images but 1 captions"):
+        contact_sheet(images, captions=["one"])

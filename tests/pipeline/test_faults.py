@@ -55,10 +55,10 @@ def _weights(root: Path, output: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def captioned(tmp_path_factory) -> Path:
-    """A tiny shapes project run up to captions: every tokenizer test starts from a copy."""
+    """A tiny shapes project run up to captions and the grid teacher: every tokenizer test starts from a copy."""
     root = tmp_path_factory.mktemp("captioned")
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    run_stage(root, "captions", "shapes")
+    run_stage(root, "teacher_tokenizer", "shapes")
     return root
 
 

@@ -145,7 +145,8 @@ def run_grid_pipeline(project, stage: str) -> None:
     from tokenline.layout import output_path
     from tokenline.tokenizer.token_cache import TokenCache
 
-    run_stage(project, stage, "shapes", "tokenizer.quantizer=kl", "tokenizer.model.layout=grid")
+    run_stage(project, stage, "shapes", "tokenizer.quantizer=kl", "tokenizer.model.layout=grid",
+              "tokenizer.train.proxy_steps=0")  # a grid tokenizer trains on pixels (it is what a teacher is)
     tokenizer = load_checkpoint(output_path(project, "shapes", "tokenizer"))
     assert (tokenizer.config.layout, tokenizer.config.num_tokens) == ("grid", 16)
     cache = TokenCache(output_path(project, "shapes", "tokens"), "train")

@@ -56,7 +56,7 @@ def test_checkpoint_lands_under_models_and_loads(built):
     assert model.config.num_tokens == params.tokenizer.num_tokens == 16 and model.config.image_size == 32
     training = json.loads((folder / "training.json").read_text())
     assert training["steps"] == 12 and training["train"]["batch_size"] == 8
-    assert set(manifest["inputs"]) == {"shards", "captions"}
+    assert set(manifest["inputs"]) == {"shards", "captions", "teacher_tokenizer"}
 
 
 def test_token_cache_matches_the_shards_and_the_tokenizer(built):
@@ -127,10 +127,10 @@ def test_asset_checks_catch_non_finite_weights_and_thresholds(built, tmp_path):
     shutil.copytree(output_path(root, "shapes", "tokenizer"), broken / "models" / "shapes" / "tokenizer")
     weights = broken / "models" / "shapes" / "tokenizer" / "model.safetensors"
     tensors = safetensors.torch.load_file(weights)
-    tensors["to_pixels.weight"][0, 0] = float("nan")
+    tensors["pixel_decoder.to_pixels.weight"][0, 0] = float("nan")  # tiny is two-stage: the teacher's decoder copy
     safetensors.torch.save_file(tensors, weights)
     passed, metadata = checks.finite_weights(broken, manifest, params)
-    assert not passed and "to_pixels.weight" in metadata["non_finite"]
+    assert not passed and "pixel_decoder.to_pixels.weight" in metadata["non_finite"]
 
 
 def _cli(project, *args):

@@ -13,14 +13,22 @@ from dataclasses import dataclass, field
 
 import jinja2
 
-# (column title, key in the row) of the metrics table, in order; a column with no value anywhere is dropped.
-COLUMNS: tuple[tuple[str, str], ...] = (
+# (column title, key in the row) of the two metrics tables, in order; a column with no value anywhere is
+# dropped. Two narrow tables rather than one wide one: both fit a 1,400-pixel window without scrolling.
+LINEAGE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("dataset", "dataset"),
     ("tokenizer", "tokenizer"),
     ("generator", "generator"),
     ("objective", "objective"),
     ("sampling", "sampling"),
     ("samples", "samples"),
+    ("tokenizer rFID", "rfid"),
+    ("tokenizer PSNR", "psnr"),
+    ("ms / image", "ms_per_image"),
+    ("NFE", "nfe"),
+)
+QUALITY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("dataset", "dataset"),
     ("FID ↓", "fid"),
     ("KID ↓", "kid"),
     ("probe R@1 gen", "probe_r1"),
@@ -32,11 +40,8 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("shapes shape", "shapes_shape_acc"),
     ("shapes count", "shapes_count_acc"),
     ("shapes position", "shapes_position_acc"),
-    ("ms / image", "ms_per_image"),
-    ("NFE", "nfe"),
-    ("tokenizer rFID", "rfid"),
-    ("tokenizer PSNR", "psnr"),
 )
+COLUMNS = LINEAGE_COLUMNS + QUALITY_COLUMNS[1:]  # every key of a row, in table order
 
 # (title, sweep in gen_eval's report, x field, y field) of each plot.
 PLOTS: tuple[tuple[str, str, str, str], ...] = (
@@ -56,6 +61,7 @@ class DatasetSection:
     gen_eval: dict
     recon_eval: dict
     prompt_sets: dict[str, list[dict]] = field(default_factory=dict)  # set -> [{prompt, png (bytes)}]
+    reconstructions: bytes | None = None  # recon_eval's grid: real val images above their reconstructions (PNG)
 
 
 def _checkpoint(path: str, content_hash: str) -> str:
@@ -72,7 +78,7 @@ def report_row(section: DatasetSection) -> dict:
         "tokenizer": _checkpoint(gen["tokenizer"], gen["tokenizer_hash"]),
         "generator": _checkpoint(gen["generator"], gen["generator_hash"]),
         "objective": protocol.get("objective", ""),
-        "sampling": f"{protocol.get('sampler', '')} · {protocol.get('steps', '')} steps · guidance {protocol.get('guidance', '')}",
+        "sampling": sampling_text(protocol),
         "samples": protocol.get("samples", gen.get("samples", "")),
         "rfid": recon.get("rfid"),
         "psnr": recon.get("psnr"),
@@ -80,9 +86,17 @@ def report_row(section: DatasetSection) -> dict:
     return {key: value for key, value in row.items() if value is not None}
 
 
-def table_columns(rows: list[dict]) -> list[tuple[str, str]]:
-    """The columns that have a value in at least one row."""
-    return [(title, key) for title, key in COLUMNS if any(key in row for row in rows)]
+def sampling_text(protocol: dict) -> str:
+    """How the samples were drawn, in the generator's own terms: decoding rounds for a masked generator, sampler steps for flow."""
+    guidance = f"guidance {protocol.get('guidance', '')}"
+    if protocol.get("objective") == "masked":
+        return f"masked decoding · {protocol.get('steps', '')} rounds · temperature {protocol.get('temperature', '')} · {guidance}"
+    return f"{protocol.get('sampler', '')} · {protocol.get('steps', '')} steps · {guidance}"
+
+
+def table_columns(rows: list[dict], columns: tuple[tuple[str, str], ...] = COLUMNS) -> list[tuple[str, str]]:
+    """The columns (of `columns`) that have a value in at least one row."""
+    return [(title, key) for title, key in columns if any(key in row for row in rows)]
 
 
 def format_cell(value) -> str:
@@ -131,7 +145,10 @@ TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
 <style>
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; font-size: 0.85em; }
+table { border-collapse: collapse; font-size: 0.85em; max-width: 1300px; margin-bottom: 1em; }
+caption { text-align: left; font-weight: bold; padding: 0.3em 0; }
+td { overflow-wrap: anywhere; }
+.reconstructions img { max-width: 100%; image-rendering: pixelated; border: 1px solid #ccc; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; }
 .plots { display: flex; flex-wrap: wrap; gap: 1em; }
@@ -143,13 +160,18 @@ dl { font-size: 0.8em; } dt { font-weight: bold; }
 <h1>{{ title }}</h1>
 <p>Profile <code>{{ profile }}</code>, git commit <code>{{ commit }}</code>, datasets: {{ datasets | join(", ") }}.</p>
 <h2>Metrics</h2>
-<table><tr>{% for title, key in columns %}<th>{{ title }}</th>{% endfor %}</tr>
+{% for caption, columns in tables %}<table><caption>{{ caption }}</caption>
+<tr>{% for title, key in columns %}<th>{{ title }}</th>{% endfor %}</tr>
 {% for row in rows %}<tr>{% for title, key in columns %}<td>{{ format_cell(row.get(key, "")) }}</td>{% endfor %}</tr>
 {% endfor %}</table>
+{% endfor %}
 <h2>Sweeps</h2>
 <div class="plots">{% for svg in plots %}<div>{{ svg | safe }}</div>{% endfor %}</div>
 {% for section in sections %}
 <h2>{{ section.name }}</h2>
+{% if section.reconstructions %}<h3>real images (top) and their reconstructions through the tokenizer (bottom)</h3>
+<div class="reconstructions"><img src="{{ data_uri(section.reconstructions) }}" alt="real images and reconstructions"></div>
+{% endif %}
 {% for set_name, items in section.prompt_sets.items() %}
 <h3>{{ set_name }}</h3>
 <div class="grid">{% for item in items %}<figure><img src="{{ data_uri(item.png) }}" alt="{{ item.prompt }}"><figcaption>{{ item.prompt }}</figcaption></figure>{% endfor %}</div>
@@ -171,6 +193,8 @@ def render_report(sections: list[DatasetSection], title: str, profile: str, comm
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return environment.from_string(TEMPLATE).render(
         title=title, profile=profile, commit=commit, datasets=[s.name for s in sections],
-        columns=table_columns(rows), rows=rows, plots=plots, sections=sections,
+        tables=[("the lineage: checkpoints, sampling, cost", table_columns(rows, LINEAGE_COLUMNS)),
+                ("quality and text alignment", table_columns(rows, QUALITY_COLUMNS))],
+        rows=rows, plots=plots, sections=sections,
         format_cell=format_cell, data_uri=data_uri,
     )

@@ -122,7 +122,9 @@ def retrieval_previews(model, samples: list[dict], encoder, size: int) -> list[t
 def _timed_generation(generator, tokenizer, prompts: list[str], encoder, options) -> tuple[Tensor, float, int]:
     """(images, milliseconds per image, network evaluations per batch) of one sampling setup."""
     started = time.perf_counter()
-    images, nfe = generate_images(generator, tokenizer, prompts, encoder, options)
+    rounds = "rounds" if generator.config.objective == "masked" else "steps"
+    label = f"gen_eval {options.sampler if rounds == 'steps' else 'masked'} {options.steps} {rounds} g{options.guidance:g}"
+    images, nfe = generate_images(generator, tokenizer, prompts, encoder, options, progress=label)
     return images, 1000.0 * (time.perf_counter() - started) / max(1, len(prompts)), nfe
 
 
@@ -271,7 +273,8 @@ def report(ctx: StageContext) -> StageResult:
             set_name: [{"prompt": item["prompt"], "png": (folders["gen_eval"] / item["file"]).read_bytes()} for item in items]
             for set_name, items in gen.get("prompt_sets", {}).items()
         }
-        sections.append(DatasetSection(name, gen, recon, prompt_sets))
+        grid = folders["recon_eval"] / RECONSTRUCTIONS
+        sections.append(DatasetSection(name, gen, recon, prompt_sets, grid.read_bytes() if grid.is_file() else None))
     html = render_report(sections, ctx.params.report.title, ctx.params.profile, git_commit(ctx.root) or "unknown")
     rows = [report_row(section) for section in sections]
     atomic_write_json(ctx.outputs["report"] / "summary.json", {"rows": rows})

@@ -15,6 +15,7 @@ import unicodedata
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 from torch import Tensor
 
 from tokenline.generator.masked_decoding import decode_masked, guided_logits
@@ -121,16 +122,22 @@ def tokens_to_images(tokens: Tensor, tokenizer, text: TextBatch | None = None) -
 
 def generate_images(
     model: FlowTransformer | MaskedTransformer, tokenizer, prompts: list[str], text_encoder,
-    options: SamplingOptions, batch_size: int = 64,
+    options: SamplingOptions, batch_size: int = 64, progress: str | None = None,
 ) -> tuple[Tensor, int]:
-    """Images [N, C, H, W] in [-1, 1] for prompts, in batches; and the model evaluations per batch of the last batch."""
+    """Images [N, C, H, W] in [-1, 1] for prompts, in batches; and the model evaluations per batch of the last batch.
+
+    `progress` names a progress bar over the images (None: silent).
+    """
     images, calls = [], 0
+    bar = tqdm(total=len(prompts), desc=progress, unit="img", disable=progress is None)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         text, empty = encode_prompts(chunk, text_encoder, model.config.text_tokens)
         chunk_options = SamplingOptions(**{**options.__dict__, "seed": options.seed + start})
         tokens, calls = sample_tokens(model, text, chunk_options, empty)
         images.append(tokens_to_images(tokens.cpu(), tokenizer, text))
+        bar.update(len(chunk))
+    bar.close()
     if not images:
         size = tokenizer.config.image_size
         return torch.zeros(0, tokenizer.config.channels, size, size), 0

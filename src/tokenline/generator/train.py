@@ -37,6 +37,7 @@ from tokenline.training import (
     apply_gradients,
     begin_training,
     restore_run,
+    step_context,
     training_summary,
     write_training_state,
 )
@@ -151,26 +152,27 @@ def train_generator(
     samples_per_step = config.batch_size * accelerator.num_processes
     loop = StepLoop("generator", config, begun, samples_per_step, checkpoint, state_dir,
                     show_bar=accelerator.is_local_main_process)
-    while loop.running():
-        rows = next(batches)
-        text = text_batch(rows, accelerator.device)
-        # Caption dropout from the global RNG, which the state folder restores on resume.
-        drop = torch.rand(len(text)) < config.caption_dropout
-        drop = drop.to(accelerator.device)
-        with accelerator.autocast():
-            loss, extra = _generator_loss(model, raw_model, rows, text, drop, config, cache, partners, swap_term,
-                                          accelerator.device)
-        loop.refuse_non_finite(loss)
-        accelerator.backward(loss)
-        lr, grad_norm = apply_gradients(accelerator, model, optimizer, scheduler, config.grad_clip)
-        ema.update(raw_model, loop.step)
-        loop.advance(loss.item(), samples_per_step)
+    with step_context(config, accelerator):  # on CPU with bf16: the fast attention backend
+        while loop.running():
+            rows = next(batches)
+            text = text_batch(rows, accelerator.device)
+            # Caption dropout from the global RNG, which the state folder restores on resume.
+            drop = torch.rand(len(text)) < config.caption_dropout
+            drop = drop.to(accelerator.device)
+            with accelerator.autocast():
+                loss, extra = _generator_loss(model, raw_model, rows, text, drop, config, cache, partners, swap_term,
+                                              accelerator.device)
+            loop.refuse_non_finite(loss)
+            accelerator.backward(loss)
+            lr, grad_norm = apply_gradients(accelerator, model, optimizer, scheduler, config.grad_clip)
+            ema.update(raw_model, loop.step)
+            loop.advance(loss.item(), samples_per_step)
 
-        if log_fn is not None and loop.log_due() and accelerator.is_main_process:
-            metrics = {"loss": loop.progress.loss, "lr": lr} | {name: value.item() for name, value in extra.items()}
-            if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
-            metrics["samples_per_s"] = loop.interval_rate()
-            log_fn(loop.step, metrics)
-        loop.checkpoint_if_due()
+            if log_fn is not None and loop.log_due() and accelerator.is_main_process:
+                metrics = {"loss": loop.progress.loss, "lr": lr} | {name: value.item() for name, value in extra.items()}
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+                metrics["samples_per_s"] = loop.interval_rate()
+                log_fn(loop.step, metrics)
+            loop.checkpoint_if_due()
     return training_summary(loop, run, "samples_per_s")

@@ -42,6 +42,7 @@ from tokenline.training import (
     cosine_with_warmup,
     restore_run,
     saved_config_differences,
+    step_context,
     training_summary,
     write_training_state,
 )
@@ -321,26 +322,27 @@ def train_tokenizer(
     batches = iter(loader)
     loop = StepLoop("tokenizer", config, begun, config.batch_size * accelerator.num_processes, checkpoint, state_dir,
                     show_bar=accelerator.is_local_main_process)
-    while loop.running():
-        if phase != (phase := phase_at(loop.step, config.proxy_steps, teacher is not None)):
-            enter_phase(raw_model, ema, phase, config.freeze_encoder)
-        images, text = _next_batch(batches, text_fn, accelerator.device)
-        if phase == PROXY:
-            loss, quantized, terms = _proxy_step_loss(model, images, text, teacher)
-        else:
-            loss, reconstruction, quantized, terms = _tokenizer_loss(model, raw_model, images, text, config.loss,
-                                                                     perceptual, adversary, loop.step)
-        loop.refuse_non_finite(loss)
-        accelerator.backward(loss)
-        lr, grad_norm = apply_gradients(accelerator, model, optimizer, scheduler, config.grad_clip)
-        if "generator" in terms:
-            terms["discriminator"] = _discriminator_step(accelerator, adversary, images, reconstruction)
-        ema.update(raw_model, loop.step)
-        loop.advance(loss.item(), len(images) * accelerator.num_processes)
+    with step_context(config, accelerator):  # on CPU with bf16: the fast attention backend
+        while loop.running():
+            if phase != (phase := phase_at(loop.step, config.proxy_steps, teacher is not None)):
+                enter_phase(raw_model, ema, phase, config.freeze_encoder)
+            images, text = _next_batch(batches, text_fn, accelerator.device)
+            if phase == PROXY:
+                loss, quantized, terms = _proxy_step_loss(model, images, text, teacher)
+            else:
+                loss, reconstruction, quantized, terms = _tokenizer_loss(model, raw_model, images, text, config.loss,
+                                                                         perceptual, adversary, loop.step)
+            loop.refuse_non_finite(loss)
+            accelerator.backward(loss)
+            lr, grad_norm = apply_gradients(accelerator, model, optimizer, scheduler, config.grad_clip)
+            if "generator" in terms:
+                terms["discriminator"] = _discriminator_step(accelerator, adversary, images, reconstruction)
+            ema.update(raw_model, loop.step)
+            loop.advance(loss.item(), len(images) * accelerator.num_processes)
 
-        if log_fn is not None and loop.log_due() and accelerator.is_main_process:
-            log_fn(loop.step, _step_metrics(loop, raw_model, quantized, terms, lr, grad_norm))
-        loop.checkpoint_if_due()
+            if log_fn is not None and loop.log_due() and accelerator.is_main_process:
+                log_fn(loop.step, _step_metrics(loop, raw_model, quantized, terms, lr, grad_norm))
+            loop.checkpoint_if_due()
     return training_summary(loop, run, "images_per_s")
 
 

@@ -48,11 +48,14 @@ def freeze_encoder_side(model: Tokenizer1D, ema: EMA) -> None:
 
 def enter_phase(model: Tokenizer1D, ema: EMA, phase: str, freeze_encoder: bool) -> None:
     """Set what trains in `phase`: in "proxy" all but the pixel decoder; in "pixels" the decoder side
-    (encoder frozen when the tokenizer has a teacher or `freeze_encoder` asks)."""
+    (encoder frozen when the tokenizer has a teacher). `freeze_encoder` freezes the encoder in both:
+    the latents then stay bit-identical whatever the phase."""
     pixel_decoder = getattr(model, "pixel_decoder", None)
     if phase == PROXY:
         pixel_decoder.requires_grad_(False)
         pixel_decoder.eval()
+        if freeze_encoder:
+            freeze_encoder_side(model, ema)
         return
     if pixel_decoder is not None:
         pixel_decoder.requires_grad_(True)
