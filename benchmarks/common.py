@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -21,14 +22,20 @@ from tokenline.params_loading import load_params
 from tokenline.layout import output_path, report_path, samples_path
 from tokenline.pipeline import get_stage, stage_closure
 from tokenline.runner import run_with_upstream
+from tokenline.threads import usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / ".work"
 
 
 def setup_threads(threads: int) -> None:
-    """Pin torch's intra-op threads (the benchmark machine is shared)."""
+    """Pin torch's intra-op threads and say whether other work shares the machine (then timings are upper bounds)."""
     torch.set_num_threads(threads)
+    cores, load = usable_cores(), os.getloadavg()[0]
+    print(f"threads: {threads} of {cores} usable cores; 1-minute load average before this run {load:.2f}", flush=True)
+    if load + threads > cores + 0.5:
+        print(f"note: this machine is shared (load {load:.2f} + {threads} thread(s) > {cores} cores): "
+              "times are upper bounds; compare A/B only within one run", flush=True)
 
 
 def seed_outputs(root: Path, sources: list[Path], dataset: str, stages: list[str]) -> list[str]:

@@ -23,6 +23,7 @@ from tokenline.layout import html_relpath, output_path, output_relpath, report_p
 from tokenline.pipeline import STAGES
 from tokenline.stage import Stage
 from tokenline.runner import run_project, run_with_upstream
+from tokenline.threads import use_usable_cores
 from tokenline.tracking import run_link
 
 
@@ -98,6 +99,7 @@ def build_stage_asset(stage: Stage, partitions: StaticPartitionsDefinition) -> A
     def _materialize(context):  # no annotation: the string form confuses Dagster
         resource = context.resources.tokenline
         root = Path(resource.root)
+        use_usable_cores()  # a run worker's torch threads: the cores it may use, not the machine's
         if not stage.per_dataset:
             # Reads every active dataset's upstream partitions, already materialized.
             params = resource.params()

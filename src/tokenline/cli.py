@@ -15,6 +15,7 @@ from tokenline.params_loading import load_params, project_root
 from tokenline.dvc_yaml import render_dvc_yaml
 from tokenline.pipeline import STAGES, get_stage
 from tokenline.runner import check_params, run_project, run_with_upstream
+from tokenline.threads import use_usable_cores
 from tokenline.tracking import tracking_uri
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="tokenline: compact-token text-to-image pipeline.")
@@ -58,6 +59,7 @@ def run(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("great_expectations", "alembic", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    use_usable_cores()
     try:
         params = load_params(params_file, profile=profile, overrides=set_, dataset=dataset)
         check_params(params)

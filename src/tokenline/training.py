@@ -376,11 +376,15 @@ def begin_training(model: nn.Module, state_dir: Path, config, resume: bool, forc
     A loop builds what else draws from the RNG (a discriminator) after this and before
     restore_run, in the same order on a fresh and a resumed run: that keeps resume bit-exact.
     """
-    from accelerate import (
-        Accelerator,  # heavy (seconds): imported by the loops that train
-    )
+    from accelerate import Accelerator  # heavy (seconds): imported by the loops that train
+    from accelerate.state import AcceleratorState
 
     started = time.perf_counter()
+    # accelerate keeps one AcceleratorState per process and refuses another precision; a process
+    # that runs several stages (`tokenline run all`, the tests) may train one in fp32 and the next
+    # in bf16, so a state of another precision is dropped (the process group, PartialState, stays).
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != config.mixed_precision:
+        AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     begun = start_run(model, state_dir, config, resume, force, stage)
     model.train()

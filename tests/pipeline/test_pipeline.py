@@ -96,6 +96,17 @@ def test_cli_lists_stages_and_prints_dvc_yaml(project):
     assert _cli("dvc-yaml", cwd=project).stdout == render_dvc_yaml()
 
 
+def test_cli_lists_fresh_stages_once_in_its_summary_not_as_log_lines(project):
+    """A second run says which stages were fresh in the final table, not in a log line per stage."""
+    assert _cli("run", "shards", "--profile", "tiny", "--dataset", "shapes", "--set", "tracking.enabled=false",
+                cwd=project).returncode == 0
+    again = _cli("run", "shards", "--profile", "tiny", "--dataset", "shapes", "--set", "tracking.enabled=false", cwd=project)
+    assert again.returncode == 0 and "skipping" not in again.stderr
+    summary = [line.split() for line in again.stdout.splitlines() if line.startswith("shapes")]
+    assert [row[1:3] for row in summary] == [["raw", "fresh"], ["validate", "fresh"], ["shards", "fresh"]]
+    assert "report:" not in again.stdout  # no report.html yet; `make demo` ends with its path once there is one
+
+
 def test_cli_shards_on_a_folder_of_broken_files(project, tmp_path):
     """The issue's acceptance command: a user folder of broken files gives counts that add up."""
     from bad_inputs import write_cases

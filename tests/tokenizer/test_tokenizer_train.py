@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import safetensors.torch
@@ -296,3 +297,15 @@ def test_foreground_weighting_counts_the_shape_and_is_off_at_zero():
                           torch.nn.functional.l1_loss(torch.ones_like(half), half))
     with pytest.raises(ValueError, match="foreground"):
         LossConfig(foreground=-1.0)
+
+
+def test_bf16_on_cpu_trains_after_an_fp32_run_in_the_same_process(shard_dir, tmp_path):
+    """`tokenline run all` trains several stages in one process; each may pick its own precision."""
+    plain = train_tokenizer(tiny_model(), shard_dir, tmp_path / "fp32", config(steps=4))
+    losses = []
+    bf16 = train_tokenizer(tiny_model(), shard_dir, tmp_path / "bf16", config(steps=4, mixed_precision="bf16"),
+                           log_fn=lambda step, metrics: losses.append(metrics["loss"]))
+    assert bf16["steps"] == 4 and all(math.isfinite(loss) for loss in losses)
+    # Close to fp32 but not identical: the steps really ran under bf16 autocast.
+    assert bf16["final_loss"] == pytest.approx(plain["final_loss"], rel=0.1) and bf16["final_loss"] != plain["final_loss"]
+    assert train_tokenizer(tiny_model(), shard_dir, tmp_path / "again", config(steps=4))["final_loss"] == plain["final_loss"]
