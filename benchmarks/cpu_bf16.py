@@ -117,6 +117,28 @@ def _runner(model, loss_of, precision: str, lr: float):
     return step
 
 
+def matmul_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 20) -> float:
+    """FLOP/s of a square matmul in `dtype` on this process's threads: the peak MFU is measured against."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    for _ in range(3):
+        a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def step_flops(build) -> int:
+    """Model FLOPs of one training step (forward and backward, counted by torch's FlopCounterMode in fp32)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, loss_of = build()
+    with FlopCounterMode(display=False) as counter:
+        loss_of(0).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def timed_pairs(build, lr: float, pairs: int, block: int) -> dict:
     """Seconds per step of fp32 and bf16 alternating (each its own model copy and optimizer); medians and the pair ratio."""
     steps = {precision: _runner(*build(), precision, lr) for precision in PRECISIONS}
@@ -132,8 +154,13 @@ def timed_pairs(build, lr: float, pairs: int, block: int) -> dict:
                 steps[precision](pair * block + index)
             seconds[precision].append((time.perf_counter() - started) / block)
     ratios = [fp32 / bf16 for fp32, bf16 in zip(seconds["fp32"], seconds["bf16"])]
-    return {"fp32_s": statistics.median(seconds["fp32"]), "bf16_s": statistics.median(seconds["bf16"]),
-            "speedup": statistics.median(ratios)}
+    flops = step_flops(build)
+    fp32_s, bf16_s = statistics.median(seconds["fp32"]), statistics.median(seconds["bf16"])
+    return {"fp32_s": fp32_s, "bf16_s": bf16_s, "speedup": statistics.median(ratios), "step_gflop": flops / 1e9,
+            "mfu_fp32": flops / fp32_s / PEAKS["fp32"], "mfu_bf16": flops / bf16_s / PEAKS["bf16"]}
+
+
+PEAKS: dict[str, float] = {}  # precision -> measured matmul FLOP/s (main fills it first)
 
 
 # -----------------------------------------------------------------------------
@@ -199,6 +226,8 @@ def main() -> None:
     run_stages(args.root, params, args.dataset, ["shards"])
     shard_dir = output_path(args.root, args.dataset, "shards")
 
+    PEAKS.update(fp32=matmul_peak(torch.float32), bf16=matmul_peak(torch.bfloat16))
+    print(f"matmul peak: fp32 {PEAKS['fp32'] / 1e9:.1f} GFLOP/s, bf16 {PEAKS['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
     speed = {
         "tokenizer": timed_pairs(lambda: _tokenizer_step(params, shard_dir), params.tokenizer.train.lr, args.pairs, args.block),
         "masked generator": timed_pairs(lambda: _generator_step(params, "masked"), params.generator.train.lr, args.pairs, args.block),
@@ -207,13 +236,17 @@ def main() -> None:
     for name, figures in speed.items():
         print(name, figures, flush=True)
     rows = [] if args.skip_quality else [quality(args, precision) for precision in PRECISIONS]
-    write_json(args.root / "results.json", {"speed": speed, "quality": rows, "threads": torch.get_num_threads()})
+    write_json(args.root / "results.json", {"speed": speed, "peaks": PEAKS, "quality": rows,
+                                            "threads": torch.get_num_threads()})
 
     print(f"\nprofile {args.profile}, {args.dataset}, {torch.get_num_threads()} thread(s); {args.pairs} pairs of "
           f"{args.block} steps, median of per-pair ratios")
-    print(markdown_table(["model", "fp32 s/step", "bf16 s/step", "bf16 speed-up"],
-                         [[name, fmt(f["fp32_s"], ".3f"), fmt(f["bf16_s"], ".3f"), fmt(f["speedup"], ".2f") + "x"]
-                          for name, f in speed.items()]))
+    print(f"matmul peak: fp32 {PEAKS['fp32'] / 1e9:.1f} GFLOP/s, bf16 {PEAKS['bf16'] / 1e9:.1f} GFLOP/s "
+          "(1024 x 1024); MFU = model FLOPs per step / s per step / the peak of the same precision")
+    print(markdown_table(["model", "GFLOP / step", "fp32 s/step", "bf16 s/step", "bf16 speed-up", "MFU fp32", "MFU bf16"],
+                         [[name, fmt(f["step_gflop"], ".2f"), fmt(f["fp32_s"], ".3f"), fmt(f["bf16_s"], ".3f"),
+                           fmt(f["speedup"], ".2f") + "x", fmt(100 * f["mfu_fp32"], ".0f") + " %",
+                           fmt(100 * f["mfu_bf16"], ".0f") + " %"] for name, f in speed.items()]))
     if rows:
         print()
         print(markdown_table(

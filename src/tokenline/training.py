@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import random
 import time
@@ -39,6 +40,8 @@ LEGACY_RNG = "rng.pt"  # a pickle written by tokenline before 0.2: never loaded
 PROGRESS = "progress.json"
 MODEL_CONFIG = "model_config.json"
 TRAIN_CONFIG = "train_config.json"  # written last: its presence marks a complete folder
+
+log = logging.getLogger(__name__)
 
 __all__ = ["EMA", "ResumeRefusedError", "StepLoop", "TrainingRun", "apply_gradients", "begin_training", "config_differences", "cosine_with_warmup", "RunProgress", "restore_optimization", "restore_run", "rng_states", "saved_config_differences", "seed_everything", "set_rng_states", "start_run", "training_summary", "write_state_folder"]
 
@@ -359,6 +362,14 @@ def cpu_bf16(config, accelerator) -> bool:
     return config.mixed_precision == "bf16" and accelerator.device.type == "cpu"
 
 
+def cpu_has_bf16_units() -> bool:
+    """Whether oneDNN finds bf16 instructions on this CPU (AVX512-BF16 or AMX); without them bf16 matmuls are emulated."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: assume the user knows the machine
+        return True
+
+
 def step_context(config, accelerator) -> contextlib.AbstractContextManager:
     """What a loop's steps run under: on CPU with bf16, the math attention backend, else nothing.
 
@@ -392,6 +403,10 @@ def begin_training(model: nn.Module, state_dir: Path, config, resume: bool, forc
     # Fused AdamW pays on CPU under bf16 (measured with the math attention backend: step_context);
     # fp32 keeps the for-each kernel, so its runs stay as they were bit for bit.
     fused = True if cpu_bf16(config, accelerator) else None
+    if fused and not cpu_has_bf16_units():
+        log.warning("%s: mixed_precision bf16 on a CPU without bf16 units (no AVX512-BF16 or AMX): bf16 matmuls are "
+                    "emulated and run many times slower than fp32 here (benchmarks/RESULTS.md); set "
+                    "%s.train.mixed_precision=no", stage, stage)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused)
     scheduler = cosine_with_warmup(optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
     return TrainingRun(accelerator, begun, ema, optimizer, scheduler, started)
