@@ -6,7 +6,7 @@ Two parts, both on the cpu profile (OpenMoji 64 px unless `--dataset`):
   tokenizer, masked generator and flow generator, fp32 and bf16 alternating in this process
   (`--pairs` pairs of `--block` steps each, after a warm-up); the figure is the median of the
   per-pair ratios, which cancels slow drifts of a shared machine. bf16 steps run as the loops run
-  them under `mixed_precision: bf16` (tokenline.training.step_context, fused AdamW).
+  them under `mixed_precision: bf16` (tokenline.precision.step_context, fused AdamW).
 * **quality**: the real pipeline in two scratch roots, one per precision: `tokenizer` +
   `recon_eval`, then `generator` (the profile's objective), with MLflow on so that each run's
   loss curve can be read back. Printed: the mean loss over the last `--tail` logged steps,

@@ -68,17 +68,8 @@ def run(
         typer.secho(f"error: {error.args[0] if error.args else error}", fg="red", err=True)
         raise typer.Exit(2)
     root = params_file.parent if params_file else project_root()
-    summary: list[str] = []
-    seen: set[tuple[str | None, str]] = set()
-
-    def record(outcomes) -> None:
-        for outcome in outcomes:
-            if (outcome.dataset, outcome.stage) in seen:
-                continue
-            seen.add((outcome.dataset, outcome.stage))
-            state = "fresh" if outcome.skipped else "ran"
-            counts = next(iter(outcome.manifests.values()), {}).get("counts", {})
-            summary.append(f"{outcome.dataset or '(all)':<10} {outcome.stage:<17} {state:<6} {counts}")
+    summary = RunSummary()
+    record = summary.add
 
     try:
         # Per-dataset stages first, dataset by dataset; then the stages that cover every dataset.
@@ -95,13 +86,31 @@ def run(
             raise
         typer.secho(f"error: {one_line(error)}", fg="red", err=True)
         raise typer.Exit(1)
-    typer.echo("\n".join(summary))
+    typer.echo("\n".join(summary.lines))
     typer.echo(f"outputs: {root / 'data'}   reports: {root / 'data' / 'reports'}")
     report = root / "data" / "reports" / "report.html"
     if report.is_file():
         typer.echo(f"report: {report}")
     if params.tracking.enabled:
         typer.echo(f"MLflow runs: {tracking_uri(params, root)} (browse: mlflow ui --backend-store-uri {tracking_uri(params, root)})")
+
+
+class RunSummary:
+    """The table `run` prints at the end: one line per dataset and stage, `ran` or `fresh`, with its counts."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self._seen: set[tuple[str | None, str]] = set()
+
+    def add(self, outcomes) -> None:
+        """Record each stage outcome once (an upstream stage comes back from every target that needs it)."""
+        for outcome in outcomes:
+            if (outcome.dataset, outcome.stage) in self._seen:
+                continue
+            self._seen.add((outcome.dataset, outcome.stage))
+            state = "fresh" if outcome.skipped else "ran"
+            counts = next(iter(outcome.manifests.values()), {}).get("counts", {})
+            self.lines.append(f"{outcome.dataset or '(all)':<10} {outcome.stage:<17} {state:<6} {counts}")
 
 
 def one_line(error: BaseException) -> str:

@@ -132,7 +132,9 @@ def test_report_is_one_html_file_naming_its_checkpoints(evaluated, tmp_path, mon
     assert f"{gen['tokenizer']} @ {gen['tokenizer_hash'][:12]}" in html
     assert html.count("<svg") == 3  # FID vs steps, FID vs guidance, ms/image vs steps
     images = sum(len(items) for items in gen["prompt_sets"].values())
-    assert html.count('src="data:image/png;base64,') == images == outcome.manifests["report"]["counts"]["images"]
+    assert images == outcome.manifests["report"]["counts"]["images"]
+    # Every generated image, plus the dataset's real images above their reconstructions (recon_eval's grid).
+    assert html.count('src="data:image/png;base64,') == images + 1 and "their reconstructions" in html
     assert not re.search(r"""(src|href)=["']?https?:""", html)  # self-contained: nothing is fetched
     manifest = read_manifest(project / "data" / "report")
     assert set(manifest["inputs"]) == {"shapes/gen_eval", "shapes/recon_eval"}

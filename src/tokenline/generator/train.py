@@ -31,13 +31,13 @@ from tokenline.generator.objectives import (
 from tokenline.generator.swap_pairs import require_partners, swap_partners
 from tokenline.tokenizer.token_cache import TokenCache
 from tokenline.train_config import GeneratorTrainConfig
+from tokenline.precision import step_context
 from tokenline.training import (
     RunProgress,
     StepLoop,
     apply_gradients,
     begin_training,
     restore_run,
-    step_context,
     training_summary,
     write_training_state,
 )

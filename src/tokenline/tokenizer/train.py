@@ -32,6 +32,7 @@ from tokenline.tokenizer.checkpoint import save_checkpoint
 from tokenline.tokenizer.model import Tokenizer1D
 from tokenline.tokenizer.two_stage import PROXY, enter_phase, phase_at, proxy_loss, teacher_targets
 from tokenline.train_config import LossConfig, TrainConfig
+from tokenline.precision import step_context
 from tokenline.training import (
     EMA,
     ResumeRefusedError,
@@ -42,7 +43,6 @@ from tokenline.training import (
     cosine_with_warmup,
     restore_run,
     saved_config_differences,
-    step_context,
     training_summary,
     write_training_state,
 )
