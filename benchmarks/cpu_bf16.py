@@ -167,7 +167,7 @@ PEAKS: dict[str, float] = {}  # precision -> measured matmul FLOP/s (main fills 
 # Quality: the pipeline in each precision
 # -----------------------------------------------------------------------------
 
-def _loss_tail(params, root: Path, run_id: str, tail: int) -> float | None:
+def _loss_tail(root: Path, run_id: str, tail: int) -> float | None:
     """The mean `loss` over the last `tail` steps MLflow logged for a stage run."""
     import mlflow
 
@@ -200,10 +200,10 @@ def quality(args, precision: str) -> dict:
     tokenizer, generator = training_summary(root, args.dataset, "tokenizer"), training_summary(root, args.dataset, "generator")
     return {
         "precision": precision,
-        "tokenizer_loss_tail": _loss_tail(params, root, run_ids.get("tokenizer"), args.tail) if run_ids.get("tokenizer") else None,
+        "tokenizer_loss_tail": _loss_tail(root, run_ids.get("tokenizer"), args.tail) if run_ids.get("tokenizer") else None,
         "tokenizer_images_per_s": tokenizer["images_per_s"], "tokenizer_s": tokenizer["wall_time_s"],
         "psnr": recon["psnr"], "ssim": recon["ssim"], "rfid": recon["rfid"],
-        "generator_loss_tail": _loss_tail(params, root, run_ids.get("generator"), args.tail) if run_ids.get("generator") else None,
+        "generator_loss_tail": _loss_tail(root, run_ids.get("generator"), args.tail) if run_ids.get("generator") else None,
         "generator_samples_per_s": generator["samples_per_s"], "generator_s": generator["wall_time_s"],
         "generator": str(output_path(root, args.dataset, "generator")),
     }

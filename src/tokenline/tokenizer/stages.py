@@ -87,28 +87,31 @@ def tokenizer(ctx: StageContext) -> StageResult:
         resume=ctx.resume,
         force=ctx.force, log_fn=ctx.tracker.log_metrics, text_fn=texts, teacher=teacher,
     )
-    out = ctx.outputs["tokenizer"]
+    result = _publish(ctx, "tokenizer", work, summary, texts, {
+        "train": p.train.to_dict(),
+        "text_encoder": texts.cache.encoder.describe() if texts is not None else None,
+        "init": str(ctx.inputs[INIT]) if INIT in ctx.inputs else None,  # resumed too: the weights descend from it
+    })
+    if result.samples:
+        ctx.tracker.log_image(contact_sheet([image for image, _ in result.samples]), f"samples/{RECONSTRUCTIONS}")
+    return result
+
+
+def _publish(ctx: StageContext, output: str, work, summary: dict, texts: CaptionTexts | None, details: dict) -> StageResult:
+    """Copy a training run's exported checkpoint into the stage output with its training.json; the result, with previews."""
+    out = ctx.outputs[output]
     for file in sorted((work / CHECKPOINT).iterdir()):
         shutil.copy2(file, out / file.name)
     trained = Tokenizer1D.from_checkpoint(out)
-    atomic_write_json(out / TRAINING, {
-        **summary,
-        "train": p.train.to_dict(),
-        "text_encoder": texts.cache.encoder.describe() if texts is not None else None,
-        "num_params": trained.num_params(),
-        "init": str(ctx.inputs[INIT]) if INIT in ctx.inputs else None,  # resumed too: the weights descend from it
-    })
+    atomic_write_json(out / TRAINING, {**summary, **details, "num_params": trained.num_params()})
     pairs = reconstruction_pairs(trained, ctx, texts, max(1, ctx.params.tracking.contact_sheet // 2))
-    if pairs:
-        ctx.tracker.log_image(contact_sheet([image for image, _ in pairs]), f"samples/{RECONSTRUCTIONS}")
     metrics = {key: float(summary[key]) for key in ("final_loss", "images_per_s", "wall_time_s")}
     return StageResult(counts={"steps": int(summary["steps"]), "params": trained.num_params()}, metrics=metrics, samples=pairs)
 
 
 def _teacher(ctx: StageContext) -> Tokenizer1D:
-    """The grid teacher checkpoint of the lineage (stage teacher_tokenizer), frozen."""
-    teacher = Tokenizer1D.from_checkpoint(ctx.inputs["teacher_tokenizer"])
-    return teacher.requires_grad_(False)
+    """The grid teacher checkpoint of the lineage (stage teacher_tokenizer); train_tokenizer freezes it."""
+    return Tokenizer1D.from_checkpoint(ctx.inputs["teacher_tokenizer"])
 
 
 def _with_teacher(config: TokenizerConfig, teacher: Tokenizer1D, ctx: StageContext) -> TokenizerConfig:
@@ -139,14 +142,7 @@ def teacher_tokenizer(ctx: StageContext) -> StageResult:
     work = work_path(ctx.root, ctx.dataset, "teacher_tokenizer")
     summary = train_tokenizer(model, ctx.inputs["shards"], work, p.train, resume=ctx.resume, force=ctx.force,
                               log_fn=ctx.tracker.log_metrics)
-    out = ctx.outputs["teacher_tokenizer"]
-    for file in sorted((work / CHECKPOINT).iterdir()):
-        shutil.copy2(file, out / file.name)
-    trained = Tokenizer1D.from_checkpoint(out)
-    atomic_write_json(out / TRAINING, {**summary, "train": p.train.to_dict(), "num_params": trained.num_params()})
-    pairs = reconstruction_pairs(trained, ctx, None, max(1, ctx.params.tracking.contact_sheet // 2))
-    metrics = {key: float(summary[key]) for key in ("final_loss", "images_per_s", "wall_time_s")}
-    return StageResult(counts={"steps": int(summary["steps"]), "params": trained.num_params()}, metrics=metrics, samples=pairs)
+    return _publish(ctx, "teacher_tokenizer", work, summary, None, {"train": p.train.to_dict()})
 
 
 # --------------------------------------------------------------------------------------

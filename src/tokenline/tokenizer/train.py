@@ -357,8 +357,8 @@ def _set_up(model: Tokenizer1D, run, config: TrainConfig, state_dir: Path, resum
     # crosses from proxy to pixels under several processes changes that set mid-run (docs/tokenizers.md).
     phase = phase_at(run.begun.step, config.proxy_steps, teacher is not None)
     enter_phase(model, run.ema, phase, config.freeze_encoder)
-    if teacher is not None:
-        teacher.to(run.accelerator.device)
+    if teacher is not None:  # a fixed target: eval mode (kl means, no codebook updates), no gradients
+        teacher.to(run.accelerator.device).eval().requires_grad_(False)
     return adversary, perceptual, phase
 
 
@@ -380,4 +380,3 @@ def _check_inputs(model: Tokenizer1D, config: TrainConfig, text_fn: TextFn | Non
             raise ValueError(f"the model is two-stage: pass its grid teacher for the {config.proxy_steps} proxy steps")
         if teacher.config.to_dict() != model.config.teacher:
             raise ValueError("the teacher given is not the one the model's config names (TokenizerConfig.teacher)")
-        teacher.eval().requires_grad_(False)
