@@ -1,4 +1,4 @@
-"""The `tokenline` command: run stages, list them, print dvc.yaml."""
+"""The `tokenline` command: run stages, list them, print dvc.yaml, generate images from an export."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import typer
 from tokenline.config import ConfigError
 from tokenline.params_loading import load_params, project_root
 from tokenline.dvc_yaml import render_dvc_yaml
+from tokenline.export.generation import open_pipeline, resolve_model, write_images
 from tokenline.pipeline import STAGES, get_stage
 from tokenline.runner import check_params, run_project, run_with_upstream
 from tokenline.threads import use_usable_cores
@@ -93,6 +94,32 @@ def run(
         typer.echo(f"report: {report}")
     if params.tracking.enabled:
         typer.echo(f"MLflow runs: {tracking_uri(params, root)} (browse: mlflow ui --backend-store-uri {tracking_uri(params, root)})")
+
+
+@app.command()
+def generate(
+    model: str = typer.Option(..., "--model", "-m", help="an exported pipeline folder, e.g. models/openmoji/onnx"),
+    prompt: list[str] = typer.Option(..., "--prompt", help="a prompt (repeatable); \"\" samples unconditionally"),
+    n: int = typer.Option(1, "--n", min=1, help="images per prompt"),
+    out: Path = typer.Option(Path("out"), "--out", "-o", help="folder for the PNG files and sheet.png"),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="sampling steps / decoding rounds (default: the export's)"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", min=0.0, help="classifier-free guidance scale (default: the export's)"),
+    seed: int = typer.Option(0, "--seed", help="image i draws its noise from (seed, i)"),
+    runtime: str = typer.Option("onnx", "--runtime", help="onnx (onnxruntime) or torch (the source checkpoints)"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="images per onnxruntime call"),
+) -> None:
+    """Generate images for prompts with an exported pipeline; prints where it wrote them."""
+    use_usable_cores()
+    try:
+        pipeline = open_pipeline(resolve_model(model), runtime)
+        prompts = [text for text in prompt for _ in range(n)]
+        paths, sheet = write_images(pipeline, prompts, out, batch_size, steps=steps, guidance=guidance, seed=seed)
+    except Exception as error:  # noqa: BLE001 - one line a person can act on
+        if os.environ.get("TOKENLINE_DEBUG") == "1":
+            raise
+        typer.secho(f"error: {one_line(error)}", fg="red", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"wrote {len(paths)} image{'s' if len(paths) != 1 else ''} to {out}/" + (f" (contact sheet: {sheet})" if sheet else ""))
 
 
 class RunSummary:

@@ -249,6 +249,16 @@ class GenEvalParams(Section):
         return value
 
 
+class ExportParams(Section):
+    """The ONNX export: opset, and the parity check of onnxruntime against torch on the same prompts and noise."""
+
+    opset: int = Field(18, ge=17, le=23)  # ONNX opset of the three graphs
+    parity_prompts: int = Field(8, ge=1, le=256)  # val captions (the last one replaced by an empty prompt) generated both ways
+    parity_batch_sizes: list[Annotated[StrictInt, Field(ge=1, le=256)]] = [1, 7]  # onnxruntime batch sizes checked
+    max_parity: float = Field(1e-3, gt=0)  # largest |torch - onnxruntime| pixel difference in [0, 1] accepted
+    threads: int | None = Field(None, ge=1)  # onnxruntime intra-op threads (null: the cores this process may use)
+
+
 class ReportParams(Section):
     """The cross-dataset HTML report."""
 
@@ -282,6 +292,7 @@ class Params(Section):
     generator: GeneratorParams = GeneratorParams()
     probe: ProbeParams = ProbeParams()
     gen_eval: GenEvalParams = GenEvalParams()
+    export: ExportParams = ExportParams()
     report: ReportParams = ReportParams()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

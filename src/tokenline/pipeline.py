@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from tokenline.data import stages as data_stages
 from tokenline.eval import stages as eval_stages
+from tokenline.export import stages as export_stages
 from tokenline.generator import stages as generator_stages
 from tokenline.layout import MODEL_OUTPUTS
 from tokenline.stage import ALWAYS_PARAMS, Stage
@@ -19,6 +20,7 @@ STAGES: list[Stage] = [
     *eval_stages.TOKENIZER_EVAL_STAGES,
     *generator_stages.STAGES,
     *eval_stages.STAGES,
+    *export_stages.STAGES,
 ]
 
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}

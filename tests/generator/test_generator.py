@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tokenline.generator.checkpoint import PairingError, check_pairing, load_generator, save_generator
-from tokenline.generator.generate import SamplingOptions, clean_prompt, sample_tokens
+from tokenline.generator.generate import SamplingOptions, sample_tokens
+from tokenline.prompts import clean_prompt
 from tokenline.generator.masked_decoding import decode_masked, masked_counts
 from tokenline.generator.model import FlowTransformer, GeneratorConfig, MaskedTransformer, TextBatch
 from tokenline.generator.objectives import corrupt_codes, flow_matching_loss, masked_token_loss

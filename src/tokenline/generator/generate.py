@@ -1,8 +1,7 @@
 """From prompts to images: clean the prompts, encode them, sample tokens, decode with the tokenizer.
 
-Prompts are user input, so they are made safe before they reach the text encoder: control and
-format characters become spaces, runs of white space collapse, and the text encoder keeps only
-its first `text_tokens` tokens (a 2,000-character prompt is cut, not refused). An empty prompt
+Prompts are cleaned by `tokenline.prompts.clean_prompt`, and the text encoder keeps only its
+first `text_tokens` tokens (a 2,000-character prompt is cut, not refused). An empty prompt
 (or one that is empty once cleaned) asks for an unconditional sample: the generator sees its
 null caption. Non-Latin text passes through: MiniLM's WordPiece maps what it does not know to
 [UNK], which is a poor caption but not an error.
@@ -10,8 +9,6 @@ null caption. Non-Latin text passes through: MiniLM's WordPiece maps what it doe
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +22,8 @@ from tokenline.generator.samplers import (
     build_sampler,
     guided_velocity,
 )
+from tokenline.prompts import clean_prompt
 from tokenline.text.captions import cut_or_pad
-
-MAX_PROMPT_CHARS = 4096  # longer prompts are cut before tokenization (the encoder keeps far fewer tokens)
-
 
 @dataclass
 class SamplingOptions:
@@ -46,14 +41,6 @@ class SamplingOptions:
         return {"sampler": self.sampler, "steps": self.steps, "guidance": self.guidance,
                 "guidance_interval": list(self.guidance_interval) if self.guidance_interval else None,
                 "temperature": self.temperature, "seed": self.seed}
-
-
-def clean_prompt(prompt: str) -> str:
-    """The prompt with control/format characters as spaces, white space collapsed, cut to MAX_PROMPT_CHARS."""
-    if not isinstance(prompt, str):
-        raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}: {prompt!r}")
-    spaced = "".join(" " if unicodedata.category(ch) in ("Cc", "Cf", "Cs") else ch for ch in prompt[:MAX_PROMPT_CHARS])
-    return re.sub(r"\s+", " ", spaced).strip()
 
 
 def encode_prompts(prompts: list[str], text_encoder, text_tokens: int) -> tuple[TextBatch, Tensor]:

@@ -267,14 +267,14 @@ class Backbone(nn.Module):
 
     def forward(self, x: Tensor, cond: Tensor, text: TextBatch | None, drop: Tensor | None) -> Tensor:
         """x [B, K, W] embedded tokens, cond [B, W] (time or zero) -> [B, K, W] features, and the final condition."""
-        pooled, tokens, keep = self.caption(text, len(x), drop)
+        pooled, tokens, keep = self.caption(text, x.shape[0], drop)
         cond = cond + pooled
         x = x + self.pos
         self_keep = None
         if self.config.text_mode == "context":
             length = x.shape[1]
             x = torch.cat([x, tokens], dim=1)
-            self_keep = torch.cat([keep.new_ones(len(x), length), keep], dim=1)
+            self_keep = torch.cat([keep.new_ones(x.shape[0], length), keep], dim=1)
         for block in self.blocks:
             x = block(x, cond, tokens, keep, self_keep)
         return x[:, : self.config.num_tokens], cond
@@ -351,7 +351,7 @@ class MaskedTransformer(nn.Module):
     def forward(self, codes: Tensor, text: TextBatch | None = None, drop: Tensor | None = None) -> Tensor:
         """codes [B, K] (mask_id where masked) -> logits [B, K, codebook_size]."""
         x = self.embed(codes)
-        cond = torch.zeros(len(codes), self.config.width, device=x.device, dtype=x.dtype)
+        cond = torch.zeros(codes.shape[0], self.config.width, device=x.device, dtype=x.dtype)
         features, cond = self.backbone(x, cond, text, drop)
         return self.head(features, cond)
 

@@ -168,7 +168,7 @@ class Transformer(nn.Module):
             states, mask = text
             x = torch.cat([x, self.text_proj(states) + self.text_pos[: states.shape[1]]], dim=1)
             # Padded caption tokens are never attended to, so their values cannot matter.
-            keep = torch.cat([mask.new_ones(len(x), length), mask], dim=1)[:, None, None, :]
+            keep = torch.cat([mask.new_ones(x.shape[0], length), mask], dim=1)[:, None, None, :]
         for block in self.blocks:
             x = block(x, keep)
         return self.norm(x[:, :length])
@@ -228,12 +228,16 @@ class Tokenizer1D(nn.Module):
         patches = c.grid**2
         grid = c.layout == "grid"
         # Encoder: patches plus K learned latent tokens that gather the image through attention
-        # (grid: no latent tokens, the patch outputs are the latents). Parameters are created in
-        # the same order as before the grid layout existed, so a 1d model's seeded init is unchanged.
+        # (grid: no latent tokens, the patch outputs are the latents). Parameters are drawn in the
+        # same order for both layouts.
+        # 1D: 2D sin-cos patch positions and unit-scale latent tokens, so attention can route by
+        # position from step 0 (tiny random ones left the latents a blur of the image's mean colour
+        # for longer: benchmarks/RESULTS.md, "1D positions"). The grid keeps its measured init.
+        token_scale = 0.02 if grid else 1.0
         self.patchify = nn.Conv2d(c.channels, c.width, c.patch_size, stride=c.patch_size)
         self.patch_pos = nn.Parameter(torch.randn(patches, c.width) * 0.02)
         if not grid:
-            self.latent_tokens = nn.Parameter(torch.randn(c.num_tokens, c.width) * 0.02)
+            self.latent_tokens = nn.Parameter(torch.randn(c.num_tokens, c.width) * token_scale)
         self.encoder = Transformer(c)
         self.to_latent = nn.Linear(c.width, c.token_dim)
         options = dict(c.quantizer_options)
@@ -243,10 +247,13 @@ class Tokenizer1D(nn.Module):
         # Decoder: the K latents, plus one mask token per patch position to paint that patch
         # (grid: the latents sit at the patch positions, latent_pos is their position embedding).
         self.from_latent = nn.Linear(c.token_dim, c.width)
-        self.latent_pos = nn.Parameter(torch.randn(c.num_tokens, c.width) * 0.02)
+        self.latent_pos = nn.Parameter(torch.randn(c.num_tokens, c.width) * token_scale)
         if not grid:
             self.mask_token = nn.Parameter(torch.randn(c.width) * 0.02)
             self.mask_pos = nn.Parameter(torch.randn(patches, c.width) * 0.02)
+            with torch.no_grad():  # overwritten after drawing, so every later parameter's seeded init is as before
+                self.patch_pos.copy_(grid_sincos(c.grid, c.width))
+                self.mask_pos.copy_(grid_sincos(c.grid, c.width))
         self.decoder = Transformer(c)
         if c.teacher is None:
             self.to_pixels = nn.Linear(c.width, c.patch_size**2 * c.channels)
@@ -282,22 +289,22 @@ class Tokenizer1D(nn.Module):
 
     def encode(self, images: Tensor, text=None) -> QuantizerOutput:
         """Images [B, C, H, W] in [-1, 1] -> quantized K tokens."""
-        text = self._text(text, len(images))
+        text = self._text(text, images.shape[0])
         x = rearrange(self.patchify(images), "b c h w -> b (h w) c") + self.patch_pos
         if self.config.layout == "grid":  # one latent per patch, raster order
             return self.quantizer(self.to_latent(self.encoder(x, text)))
-        latents = self.latent_tokens.expand(len(images), -1, -1)
+        latents = self.latent_tokens.expand(images.shape[0], -1, -1)
         x = self.encoder(torch.cat([x, latents], dim=1), text)
         return self.quantizer(self.to_latent(x[:, -self.config.num_tokens :]))
 
     def _decode_patches(self, latents: Tensor, text) -> Tensor:
         """Latents [B, K, D] -> the decoder's output at every patch position [B, grid**2, width]."""
         c = self.config
-        text = self._text(text, len(latents))
+        text = self._text(text, latents.shape[0])
         x = self.from_latent(latents) + self.latent_pos
         if c.layout == "grid":  # the latent grid is the patch sequence
             return self.decoder(x, text)
-        masks = (self.mask_token + self.mask_pos).expand(len(latents), -1, -1)
+        masks = (self.mask_token + self.mask_pos).expand(latents.shape[0], -1, -1)
         return self.decoder(torch.cat([x, masks], dim=1), text)[:, c.num_tokens :]
 
     def predict_teacher(self, latents: Tensor, text=None) -> Tensor:
@@ -339,6 +346,20 @@ class Tokenizer1D(nn.Module):
     def from_checkpoint(cls, folder: str | Path) -> Tokenizer1D:
         """Load a folder written by save_checkpoint, in eval mode."""
         return load_model(folder, TokenizerConfig.from_dict, cls, "tokenizer")
+
+
+def grid_sincos(side: int, width: int) -> Tensor:
+    """MAE's fixed 2D sin-cos position table [side**2, width], raster order: a quarter of the channels each
+    for sin(row), cos(row), sin(column), cos(column) at geometric frequencies; leftover channels are zero."""
+    rows, columns = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    quarter = width // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter) / max(quarter, 1))
+    parts = []
+    for coordinate in (rows.flatten(), columns.flatten()):
+        angles = coordinate[:, None].float() * frequencies[None]
+        parts += [angles.sin(), angles.cos()]
+    table = torch.cat(parts, dim=1)
+    return F.pad(table, (0, width - table.shape[1]))
 
 
 def _init_linear(module: nn.Module) -> None:

@@ -1,0 +1,121 @@
+"""The export stage: the dataset's generator, tokenizer and text encoder as an ONNX pipeline folder.
+
+models/<dataset>/onnx/ holds text_encoder.onnx, generator.onnx, decoder.onnx, tokenizer.json and
+pipeline.json (sampling settings, latent statistics, the source checkpoints' content hashes, the
+opset and the parity measured here). The stage fails, and nothing is published, when onnxruntime's
+images differ from torch's by more than export.max_parity or, on shapes, when the compositional
+checker reads any pair of them differently.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from tokenline.artifacts import atomic_write_json, read_manifest
+from tokenline.eval.compositional import check_image
+from tokenline.export import checks as export_checks
+from tokenline.export.build import export_pipeline, measure_parity, torch_backend
+from tokenline.export.runtime import PIPELINE_FILE, to_uint8
+from tokenline.generator.checkpoint import check_pairing, load_generator
+from tokenline.generator.generate import SamplingOptions
+from tokenline.layout import output_path
+from tokenline.stage import AssetCheck, Stage, StageContext, StageResult
+from tokenline.text.captions import params_text_encoder
+from tokenline.threads import usable_cores
+from tokenline.tokenizer.model import Tokenizer1D
+from tokenline.tokenizer.token_cache import TokenCache
+
+
+def parity_prompts(tokens_dir: Path, count: int) -> list[str]:
+    """`count` val captions (train if the val split is empty), the last replaced by an empty prompt."""
+    try:
+        captions = TokenCache(tokens_dir, "val").captions
+    except ValueError:
+        captions = []
+    captions = captions or TokenCache(tokens_dir, "train").captions
+    prompts = list(dict.fromkeys(captions))[: max(0, count - 1)]
+    return prompts + [""]  # the null caption's path through the graph is exercised too
+
+
+def checker_agreement(first, second, prompts: list[str]) -> dict:
+    """How many image pairs the shapes checker reads alike (colour, shape, count and position verdicts)."""
+    same = sum(check_image(Image.fromarray(a), p) == check_image(Image.fromarray(b), p)
+               for a, b, p in zip(first, second, prompts) if p)
+    return {"checked": sum(1 for p in prompts if p), "agree": same}
+
+
+def export(ctx: StageContext) -> StageResult:
+    """Export the pipeline, measure its parity with torch, refuse to publish it when parity fails."""
+    p, sample = ctx.params.export, ctx.params.generator.sample
+    generator_dir, tokenizer_dir = ctx.inputs["generator"], ctx.inputs["tokenizer"]
+    tokenizer_hash = read_manifest(tokenizer_dir)["content_hash"]
+    check_pairing(generator_dir, tokenizer_dir, tokenizer_hash)
+    generator, tokenizer = load_generator(generator_dir), Tokenizer1D.from_checkpoint(tokenizer_dir)
+    encoder = params_text_encoder(ctx.params)
+    sources = {name: read_manifest(ctx.inputs[name])["content_hash"] for name in ("generator", "tokenizer", "gen_eval")}
+    options = SamplingOptions(**sample.model_dump())
+    folder = ctx.outputs["onnx"]
+    published = output_path(ctx.root, ctx.dataset, "onnx")  # `folder` is renamed to this once done
+    source_dirs = {name: os.path.relpath(ctx.inputs[name], published) for name in ("generator", "tokenizer")}
+    spec = export_pipeline(folder, generator, tokenizer, encoder, options, sources, p.opset, source_dirs)
+
+    prompts = parity_prompts(ctx.inputs["tokens"], p.parity_prompts)
+    figures, onnx_images, torch_images = measure_parity(
+        folder, torch_backend(generator, tokenizer, encoder), prompts, list(p.parity_batch_sizes),
+        threads=p.threads or usable_cores())
+    figures["max_parity"] = p.max_parity
+    if ctx.params.dataset(ctx.dataset).source == "shapes":
+        figures["shapes_checker"] = checker_agreement(to_uint8(onnx_images), to_uint8(torch_images), prompts)
+    problems = parity_problems(figures)
+    if problems:
+        raise ValueError(f"export of {ctx.dataset} not published: {'; '.join(problems)}")
+    spec["parity"] = figures
+    atomic_write_json(folder / PIPELINE_FILE, spec)  # the hashes in `files` cover the graphs, not this file
+    samples = [(Image.fromarray(image), prompt or "(empty prompt)") for image, prompt in zip(to_uint8(onnx_images), prompts)]
+    metrics = {"parity_max_abs_diff": figures["max_abs_diff"], "torch_ms_per_image": figures["torch_ms_per_image"],
+               "onnx_ms_per_image": min(run["ms_per_image"] for run in figures["runs"])}
+    return StageResult(counts={"graphs": 3, "parity_prompts": len(prompts)}, metrics=metrics,
+                       report={**figures, "opset": p.opset, "sources": sources, "pipeline": str(folder.name)},
+                       samples=samples)
+
+
+def parity_problems(figures: dict) -> list[str]:
+    """Why an export's parity figures fail (empty when they pass)."""
+    problems = []
+    if figures["max_abs_diff"] > figures["max_parity"]:
+        problems.append(f"onnxruntime and torch images differ by up to {figures['max_abs_diff']:.2e} "
+                        f"(export.max_parity {figures['max_parity']:.0e})")
+    checker = figures.get("shapes_checker")
+    if checker and checker["agree"] != checker["checked"]:
+        problems.append(f"the shapes checker reads {checker['checked'] - checker['agree']} of "
+                        f"{checker['checked']} image pairs differently")
+    return problems
+
+
+# --------------------------------------------------------------------------------------
+# The registry entries of this area (pipeline.py lists them)
+# --------------------------------------------------------------------------------------
+
+STAGES = (
+    Stage(
+        name="export",
+        func=export,
+        area="export",
+        description="Export the evaluated generator, its tokenizer's decoder and the MiniLM text encoder "
+        "as ONNX graphs plus pipeline.json (models/<dataset>/onnx), runnable with numpy and onnxruntime "
+        "alone; fails unless onnxruntime's images match torch's within export.max_parity.",
+        inputs=("generator", "tokenizer", "tokens", "gen_eval"),
+        outputs=("onnx",),
+        models=("onnx",),
+        code=("generator", "tokenizer", "text", "eval"),
+        params=("generator", "export"),
+        report=True,
+        checks=(
+            AssetCheck("files_match", "onnx", "every file pipeline.json lists is present with its sha256",
+                       export_checks.files_match),
+        ),
+    ),
+)
