@@ -14,6 +14,8 @@ from tokenline.config import ConfigError
 from tokenline.params_loading import load_params, project_root
 from tokenline.dvc_yaml import render_dvc_yaml
 from tokenline.export.generation import open_pipeline, resolve_model, write_images
+from tokenline.export.registry import model_name
+from tokenline.export.registry import promote as promote_version
 from tokenline.pipeline import STAGES, get_stage
 from tokenline.runner import check_params, run_project, run_with_upstream
 from tokenline.threads import use_usable_cores
@@ -120,6 +122,24 @@ def generate(
         typer.secho(f"error: {one_line(error)}", fg="red", err=True)
         raise typer.Exit(1)
     typer.echo(f"wrote {len(paths)} image{'s' if len(paths) != 1 else ''} to {out}/" + (f" (contact sheet: {sheet})" if sheet else ""))
+
+
+@app.command()
+def promote(
+    dataset: str = typer.Argument(..., help="the dataset whose model tokenline-<dataset> to promote"),
+    version: Optional[int] = typer.Option(None, "--version", help="the version to promote (default: @candidate)"),
+    force: bool = typer.Option(False, "--force", help="promote a version whose gates failed"),
+    params_file: Optional[Path] = typer.Option(None, "--params", help="params file (default: ./params.yaml)"),
+) -> None:
+    """Point tokenline-<dataset>@production at a registered version (its gates must have passed)."""
+    try:
+        params = load_params(params_file)
+        root = params_file.parent if params_file else project_root()
+        promoted = promote_version(dataset, tracking_uri(params, root), version, force)
+    except Exception as error:  # noqa: BLE001 - one line a person can act on
+        typer.secho(f"error: {one_line(error)}", fg="red", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"models:/{model_name(dataset)}@production -> version {promoted}")
 
 
 class RunSummary:

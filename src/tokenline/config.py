@@ -259,6 +259,24 @@ class ExportParams(Section):
     threads: int | None = Field(None, ge=1)  # onnxruntime intra-op threads (null: the cores this process may use)
 
 
+# A registry gate: "<metric> <= <number>" or "<metric> >= <number>".
+GATE_PATTERN = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
+
+
+class RegistryParams(Section):
+    """The MLflow model registry: the gates a new version passes before `production` moves to it."""
+
+    gates: list[str] = []  # "<metric> <= <number>" or ">=": gen_eval figures and parity_max_abs_diff; a figure a dataset lacks is skipped
+
+    @field_validator("gates")
+    @classmethod
+    def _well_formed(cls, value: list[str]) -> list[str]:
+        for gate in value:
+            if not GATE_PATTERN.match(gate):
+                raise ValueError(f"registry gate {gate!r} is not '<metric> <= <number>' or '<metric> >= <number>'")
+        return value
+
+
 class ReportParams(Section):
     """The cross-dataset HTML report."""
 
@@ -293,6 +311,7 @@ class Params(Section):
     probe: ProbeParams = ProbeParams()
     gen_eval: GenEvalParams = GenEvalParams()
     export: ExportParams = ExportParams()
+    registry: RegistryParams = RegistryParams()
     report: ReportParams = ReportParams()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

@@ -46,6 +46,14 @@ def _experiment_id(client, params: Params, uri: str) -> str:
     return client.create_experiment(params.tracking.experiment, artifact_location=location)
 
 
+def project_experiment(params: Params, root: Path) -> tuple[str, str]:
+    """(tracking URI, experiment id) of the project's MLflow experiment, created when missing."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(params, root)
+    return uri, _experiment_id(MlflowClient(tracking_uri=uri), params, uri)
+
+
 def run_link(params: Params, root: Path, run_id: str) -> str:
     """A link to an MLflow run: the UI page on an HTTP tracking server, else a runs:/ URI."""
     uri = tracking_uri(params, root)

@@ -9,6 +9,7 @@ checker reads any pair of them differently.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,9 +17,11 @@ from PIL import Image
 
 from tokenline.artifacts import atomic_write_json, read_manifest
 from tokenline.eval.compositional import check_image
+from tokenline.eval.stages import METRICS
 from tokenline.export import checks as export_checks
 from tokenline.export.build import export_pipeline, measure_parity, torch_backend
-from tokenline.export.runtime import PIPELINE_FILE, to_uint8
+from tokenline.export.registry import gate_figures, register
+from tokenline.export.runtime import PIPELINE_FILE, read_pipeline, to_uint8
 from tokenline.generator.checkpoint import check_pairing, load_generator
 from tokenline.generator.generate import SamplingOptions
 from tokenline.layout import output_path
@@ -27,6 +30,11 @@ from tokenline.text.captions import params_text_encoder
 from tokenline.threads import usable_cores
 from tokenline.tokenizer.model import Tokenizer1D
 from tokenline.tokenizer.token_cache import TokenCache
+from tokenline.tracking import project_experiment
+
+# gen_eval figures copied onto each registered version as tags (the UI's version page shows them).
+EVAL_TAGS = ("fid", "kid", "probe_r1", "probe_score", "clip_score", "shapes_color_acc", "shapes_shape_acc",
+             "shapes_count_acc", "shapes_position_acc", "ms_per_image", "parity_max_abs_diff")
 
 
 def parity_prompts(tokens_dir: Path, count: int) -> list[str]:
@@ -82,6 +90,36 @@ def export(ctx: StageContext) -> StageResult:
                        samples=samples)
 
 
+def lineage_tags(root: Path, folder: Path, params) -> dict[str, str]:
+    """Every upstream output's content hash (following the manifests' inputs), the git commit and the profile."""
+    manifest = read_manifest(folder)
+    tags = {"profile": params.profile, "git_commit": str(manifest.get("git_commit")),
+            "hash.onnx": manifest["content_hash"]}
+    pending = list(manifest["inputs"].items())
+    while pending:
+        name, entry = pending.pop()
+        if f"hash.{name}" in tags:
+            continue
+        tags[f"hash.{name}"] = entry["hash"]
+        upstream = read_manifest(root / entry["path"]) if (root / entry["path"]).is_dir() else None
+        pending += list((upstream or {}).get("inputs", {}).items())
+    return tags
+
+
+def registry(ctx: StageContext) -> StageResult:
+    """Register the export as a new version of tokenline-<dataset> (alias candidate) and gate `production`."""
+    folder = ctx.inputs["onnx"]
+    report = json.loads((ctx.inputs["gen_eval"] / METRICS).read_text())
+    figures = gate_figures(report, read_pipeline(folder))
+    tags = lineage_tags(ctx.root, folder, ctx.params)
+    tags |= {f"eval.{key}": f"{figures[key]:.6g}" for key in EVAL_TAGS if key in figures}
+    uri, experiment = project_experiment(ctx.params, ctx.root)
+    result = register(folder, ctx.dataset, tags, figures, list(ctx.params.registry.gates), uri, experiment)
+    atomic_write_json(ctx.outputs["registry"] / "registry.json", result)
+    counts = {"version": result["version"], "production_version": result["production_version"] or 0}
+    return StageResult(counts=counts, metrics={"gates_passed": float(result["gates_passed"])}, report=result)
+
+
 def parity_problems(figures: dict) -> list[str]:
     """Why an export's parity figures fail (empty when they pass)."""
     problems = []
@@ -117,5 +155,18 @@ STAGES = (
             AssetCheck("files_match", "onnx", "every file pipeline.json lists is present with its sha256",
                        export_checks.files_match),
         ),
+    ),
+    Stage(
+        name="registry",
+        func=registry,
+        area="export",
+        description="Register the ONNX pipeline in the MLflow model registry as a pyfunc version of "
+        "tokenline-<dataset> with its lineage as tags; alias candidate, and production only when the "
+        "gen_eval figures pass registry.gates (data/<dataset>/registry/registry.json says which).",
+        inputs=("onnx", "gen_eval"),
+        outputs=("registry",),
+        code=("eval",),
+        params=("registry",),
+        report=True,
     ),
 )

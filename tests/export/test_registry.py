@@ -1,0 +1,135 @@
+"""The registry stage: versions, aliases and gates in MLflow's registry; a downstream process loads
+@production; the served endpoint answers; `tokenline promote`; bad gates and unknown models."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import run_stage
+from tokenline.cli import app
+from tokenline.config import ConfigError
+from tokenline.export.registry import check_gates, parse_gate
+from tokenline.layout import output_path
+from tokenline.params_loading import load_params
+
+pytestmark = pytest.mark.integration  # runs stages, registers models, starts a server
+
+
+@pytest.fixture(scope="module")
+def registered(generator_project):
+    """The shared tiny shapes project registered twice: version 1 passes its gates, version 2 (gated on an
+    impossible FID) does not."""
+    uri = f"sqlite:///{generator_project / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        run_stage(generator_project, "registry", "shapes")
+        first = json.loads((output_path(generator_project, "shapes", "registry") / "registry.json").read_text())
+        run_stage(generator_project, "registry", "shapes", 'registry.gates=["fid <= 1"]')
+        second = json.loads((output_path(generator_project, "shapes", "registry") / "registry.json").read_text())
+    return generator_project, uri, first, second
+
+
+def test_a_version_that_fails_its_gates_leaves_production_where_it_was(registered):
+    _, uri, first, second = registered
+    assert first["gates_passed"] and first["production_version"] == first["version"]
+    assert not second["gates_passed"] and second["version"] == first["version"] + 1
+    assert second["production_version"] == first["version"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert int(client.get_model_version_by_alias("tokenline-shapes", "production").version) == first["version"]
+    assert int(client.get_model_version_by_alias("tokenline-shapes", "candidate").version) == second["version"]
+    tags = client.get_model_version("tokenline-shapes", str(second["version"])).tags
+    assert tags["gates_passed"] == "false" and tags["gate_failures"].startswith("fid = ")
+    assert tags["profile"] == "tiny" and len(tags["hash.generator"]) > 8 and "hash.shards" in tags
+
+
+def test_a_downstream_process_loads_production_and_gets_images(registered, tmp_path):
+    _, uri, _, _ = registered
+    script = (
+        "import base64, io, mlflow\n"
+        "from PIL import Image\n"
+        "model = mlflow.pyfunc.load_model('models:/tokenline-shapes@production')\n"
+        "rows = model.predict(['a red heart', 'a small blue square'], params={'seed': 2})\n"
+        "images = [Image.open(io.BytesIO(base64.b64decode(b))) for b in rows['png_base64']]\n"
+        "print(len(images), images[0].size)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"})
+    assert done.stdout.strip().splitlines()[-1] == "2 (32, 32)"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_served_endpoint_answers_prompts_with_images(registered):
+    _, uri, _, _ = registered
+    port = _free_port()
+    bin_dir = os.path.dirname(sys.executable)  # mlflow starts uvicorn by name: the venv's bin must be on PATH
+    server = subprocess.Popen(
+        [os.path.join(bin_dir, "mlflow"), "models", "serve", "-m", "models:/tokenline-shapes@production",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1",
+             "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        body = json.dumps({"dataframe_split": {"columns": ["prompt"], "data": [["a red circle"], [""]]},
+                           "params": {"seed": 1}}).encode()
+        answer = None
+        for _ in range(120):
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
+                                                 {"Content-Type": "application/json"})
+                answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
+                break
+            except OSError:
+                time.sleep(1)
+        assert answer is not None, "the endpoint did not answer within 120 s"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    rows = answer["predictions"]
+    assert [row["prompt"] for row in rows] == ["a red circle", ""]
+    assert Image.open(io.BytesIO(base64.b64decode(rows[0]["png_base64"]))).size == (32, 32)
+
+
+def test_promote_moves_production_only_when_gates_passed_or_forced(registered, monkeypatch):
+    root, uri, first, second = registered
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(root)
+    refused = CliRunner().invoke(app, ["promote", "shapes", "--version", str(second["version"])])
+    assert refused.exit_code == 1 and "failed its gates" in refused.output
+    forced = CliRunner().invoke(app, ["promote", "shapes", "--version", str(second["version"]), "--force"])
+    assert forced.exit_code == 0, forced.output
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert int(client.get_model_version_by_alias("tokenline-shapes", "production").version) == second["version"]
+    back = CliRunner().invoke(app, ["promote", "shapes", "--version", str(first["version"])])
+    assert back.exit_code == 0
+    unknown = CliRunner().invoke(app, ["promote", "nowhere"])
+    assert unknown.exit_code == 1 and "registered models: tokenline-shapes" in unknown.output
+
+
+def test_gates_read_figures_and_skip_what_a_dataset_lacks():
+    assert parse_gate("fid <= 250") == ("fid", "<=", 250.0)
+    failures, skipped = check_gates(["fid <= 250", "probe_r1 >= 0.2", "shapes_color_acc >= 0.9"],
+                                    {"fid": 260.0, "probe_r1": 0.3})
+    assert failures == ["fid = 260, gate <= 250"] and skipped == ["shapes_color_acc >= 0.9"]
+
+
+def test_a_malformed_gate_fails_at_params_load(project):
+    with pytest.raises(ConfigError, match="registry"):
+        load_params(project / "params.yaml", profile="tiny", overrides=['registry.gates=["fid < 3"]'])
