@@ -100,7 +100,7 @@ def run(
 
 @app.command()
 def generate(
-    model: str = typer.Option(..., "--model", "-m", help="an exported pipeline folder, e.g. models/openmoji/onnx"),
+    model: str = typer.Option(..., "--model", "-m", help="an exported folder (models/openmoji/onnx) or an MLflow URI (models:/tokenline-openmoji@production, runs:/<run>/pipeline)"),
     prompt: list[str] = typer.Option(..., "--prompt", help="a prompt (repeatable); \"\" samples unconditionally"),
     n: int = typer.Option(1, "--n", min=1, help="images per prompt"),
     out: Path = typer.Option(Path("out"), "--out", "-o", help="folder for the PNG files and sheet.png"),
@@ -113,7 +113,7 @@ def generate(
     """Generate images for prompts with an exported pipeline; prints where it wrote them."""
     use_usable_cores()
     try:
-        pipeline = open_pipeline(resolve_model(model), runtime)
+        pipeline = open_pipeline(resolve_model(model, _tracking_uri_here()), runtime)
         prompts = [text for text in prompt for _ in range(n)]
         paths, sheet = write_images(pipeline, prompts, out, batch_size, steps=steps, guidance=guidance, seed=seed)
     except Exception as error:  # noqa: BLE001 - one line a person can act on
@@ -140,6 +140,14 @@ def promote(
         typer.secho(f"error: {one_line(error)}", fg="red", err=True)
         raise typer.Exit(1)
     typer.echo(f"models:/{model_name(dataset)}@production -> version {promoted}")
+
+
+def _tracking_uri_here() -> str | None:
+    """The MLflow store `models:/` URIs resolve against: MLFLOW_TRACKING_URI, else this project's params."""
+    try:
+        return tracking_uri(load_params(None), project_root())
+    except (ConfigError, OSError):
+        return os.environ.get("MLFLOW_TRACKING_URI")
 
 
 class RunSummary:

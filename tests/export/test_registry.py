@@ -133,3 +133,17 @@ def test_gates_read_figures_and_skip_what_a_dataset_lacks():
 def test_a_malformed_gate_fails_at_params_load(project):
     with pytest.raises(ConfigError, match="registry"):
         load_params(project / "params.yaml", profile="tiny", overrides=['registry.gates=["fid < 3"]'])
+
+
+def test_generate_reads_a_registered_model_and_names_the_aliases_of_an_unknown_one(registered, tmp_path, monkeypatch):
+    _, uri, _, _ = registered
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    ok = CliRunner().invoke(app, ["generate", "--model", "models:/tokenline-shapes@production", "--prompt", "a red circle",
+                                  "--out", str(tmp_path / "out")])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "out" / "0000_a-red-circle.png").is_file()
+    missing = CliRunner().invoke(app, ["generate", "--model", "models:/tokenline-shapes@nightly", "--prompt", "x",
+                                       "--out", str(tmp_path / "o")])
+    assert missing.exit_code == 1 and len(missing.output.strip().splitlines()) == 1
+    assert "tokenline-shapes (aliases: candidate, production)" in missing.output

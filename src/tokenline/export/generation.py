@@ -17,7 +17,7 @@ from tqdm import tqdm
 from tokenline.artifacts import read_manifest
 from tokenline.contact_sheet import contact_sheet
 from tokenline.export.build import torch_backend
-from tokenline.export.runtime import OnnxPipeline, PipelineError, read_pipeline
+from tokenline.export.runtime import PIPELINE_FILE, OnnxPipeline, PipelineError, read_pipeline
 from tokenline.generator.checkpoint import load_generator
 from tokenline.text.encoder import build_text_encoder
 from tokenline.tokenizer.model import Tokenizer1D
@@ -26,15 +26,44 @@ RUNTIMES = ("onnx", "torch")
 SHEET = "sheet.png"
 
 
-def resolve_model(model: str) -> Path:
-    """The exported folder `--model` names (MLflow `models:/` and `runs:/` URIs are not served yet)."""
+def resolve_model(model: str, tracking_uri: str | None = None) -> Path:
+    """The exported folder `--model` names: a local folder, or an MLflow `models:/name@alias`,
+    `models:/name/version` or `runs:/<run>/pipeline` URI (downloaded from `tracking_uri`)."""
     if model.startswith(("models:/", "runs:/")):
-        raise PipelineError(f"{model}: MLflow model URIs need the model registry, which is not built yet; "
-                            "pass an exported folder such as models/openmoji/onnx")
+        return download_model(model, tracking_uri)
     folder = Path(model).expanduser()
     if not folder.is_dir():
         raise PipelineError(f"{model} is not a folder: pass an exported pipeline such as models/openmoji/onnx")
     return folder
+
+
+def download_model(uri: str, tracking_uri: str | None) -> Path:
+    """The pipeline folder inside a registered (or logged) pyfunc model, downloaded to a local cache."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except MlflowException as err:
+        raise PipelineError(f"{uri} does not resolve ({available_models()}): "
+                            f"{str(err).splitlines()[0][:200]}") from err
+    # A pyfunc model keeps its artifacts under artifacts/<folder name>; a runs:/ URI may name the folder itself.
+    found = sorted(path.parent for path in local.glob(f"artifacts/*/{PIPELINE_FILE}"))
+    return found[0] if found else local
+
+
+def available_models() -> str:
+    """The registered models and their aliases, for an error message."""
+    from mlflow import MlflowClient
+
+    models = MlflowClient().search_registered_models()
+    if not models:
+        return "no model is registered"
+    described = [f"{m.name} (aliases: {', '.join(sorted(m.aliases)) or 'none'})" for m in models]
+    return "registered: " + "; ".join(described)
 
 
 def _source(folder: Path, spec: dict, name: str) -> Path:

@@ -17,9 +17,7 @@ import mlflow
 import pandas as pd
 from PIL import Image
 
-from tokenline.export.runtime import OnnxPipeline
-
-ARTIFACT = "pipeline"  # the exported folder, as an artifact of the model
+from tokenline.export.runtime import MODEL_ARTIFACT, OnnxPipeline
 
 
 def prompts_of(model_input) -> list[str]:
@@ -46,7 +44,7 @@ class TokenlinePipelineModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         """Open the pipeline folder shipped as the model's artifact (its file hashes are checked)."""
-        self.pipeline = OnnxPipeline(context.artifacts[ARTIFACT])
+        self.pipeline = OnnxPipeline(context.artifacts[MODEL_ARTIFACT])
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         """One row per prompt: the prompt and its image as base64 PNG."""

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from tokenline.config import GATE_PATTERN
-from tokenline.export.runtime import read_pipeline
+from tokenline.export.runtime import MODEL_ARTIFACT, read_pipeline
 
 # The models-from-code file MLflow stores with each registered version (run on load; see its docstring).
 MODEL_FILE = Path(__file__).with_name("mlflow_model.py")
@@ -84,7 +84,7 @@ def register(folder: Path, dataset: str, tags: dict[str, str], figures: dict[str
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"registry {dataset}",
                           tags={"tokenline.stage": "registry", "tokenline.dataset": dataset}) as run:
         info = mlflow.pyfunc.log_model(
-            name="pipeline", python_model=str(MODEL_FILE), artifacts={"pipeline": str(folder)},
+            name="pipeline", python_model=str(MODEL_FILE), artifacts={MODEL_ARTIFACT: str(folder)},
             signature=signature, input_example=example, registered_model_name=name,
             pip_requirements=["numpy", "pandas", "pillow", "onnxruntime", "tokenizers", "mlflow"],
         )

@@ -26,6 +26,7 @@ from tokenline.prompts import clean_prompt
 PIPELINE_FILE = "pipeline.json"
 GRAPH_FILES = {"text_encoder": "text_encoder.onnx", "generator": "generator.onnx", "decoder": "decoder.onnx"}
 TOKENIZER_FILE = "tokenizer.json"
+MODEL_ARTIFACT = "pipeline"  # the exported folder's name among a registered MLflow model's artifacts
 
 
 class PipelineError(ValueError):
