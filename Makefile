@@ -22,6 +22,9 @@ demo: $(STAMP)
 	@echo "MLflow:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns.db"
 	@echo "Dagster: make dagster   DVC: $(BIN)/dvc repro && $(BIN)/dvc metrics show"
 	@echo "Report:  $(CURDIR)/data/reports/report.html"
+	@echo "Try it:  $(BIN)/tokenline generate --model models:/tokenline-openmoji@production --prompt 'a red heart' --n 4 --out out/"
+	@echo "Serve:   PATH=$(CURDIR)/$(BIN):\$$PATH MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlruns.db mlflow models serve -m models:/tokenline-openmoji@production --env-manager local -h 127.0.0.1 -p 5000"
+	@echo "         curl -s -X POST http://127.0.0.1:5000/invocations -H 'Content-Type: application/json' -d '{\"inputs\": [\"a red heart\"]}'"
 
 # One single-threaded worker per core (files stay whole on one worker, so module fixtures are built
 # once): on 2 cores two workers of one thread each beat one worker of two threads.

@@ -84,7 +84,8 @@ def build_stage_asset(stage: Stage, partitions: StaticPartitionsDefinition) -> A
         for output in stage.outputs
     ]
     check_specs = [
-        AssetCheckSpec(check.name, asset=asset_key(check.output), description=check.description)
+        AssetCheckSpec(check.name, asset=asset_key(check.output), description=check.description,
+                       blocking=check.blocking)
         for check in stage.checks
     ]
 

@@ -35,6 +35,7 @@ class AssetCheck:
     output: str  # which of the stage's outputs it checks
     description: str
     func: Callable[[Path, dict, Params], tuple[bool, dict]]  # (root, manifest, params) -> (passed, metadata)
+    blocking: bool = False  # Dagster: a failure stops the run's downstream assets
 
 
 @dataclass(frozen=True)

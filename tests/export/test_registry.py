@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from conftest import run_stage
 from tokenline.cli import app
 from tokenline.config import ConfigError
-from tokenline.export.registry import check_gates, parse_gate
+from tokenline.eval.gates import check_gates, parse_gate
 from tokenline.layout import output_path
 from tokenline.params_loading import load_params
 
@@ -147,3 +147,16 @@ def test_generate_reads_a_registered_model_and_names_the_aliases_of_an_unknown_o
                                        "--out", str(tmp_path / "o")])
     assert missing.exit_code == 1 and len(missing.output.strip().splitlines()) == 1
     assert "tokenline-shapes (aliases: candidate, production)" in missing.output
+
+
+def test_the_gen_eval_gate_check_fails_on_a_missed_gate(registered):
+    from tokenline.eval.checks import registry_gates
+
+    root = registered[0]
+    manifest = {"dataset": "shapes"}
+    strict = load_params(root / "params.yaml", profile="tiny", overrides=['registry.gates=["fid <= 1", "parity_max_abs_diff <= 0.001"]'])
+    passed, metadata = registry_gates(root, manifest, strict)
+    assert not passed and metadata["failures"].startswith("fid = ")
+    assert metadata["skipped"] == "parity_max_abs_diff <= 0.001"  # the export's figure, not gen_eval's
+    loose = load_params(root / "params.yaml", profile="tiny", overrides=['registry.gates=["fid <= 100000"]'])
+    assert registry_gates(root, manifest, loose)[0]

@@ -180,3 +180,13 @@ def test_the_failure_sensor_logs_and_marks_the_failed_stage(tmp_path):
     record = json.loads(line)
     assert record["partition"] == "shapes" and list(record["stages"]) == ["raw"]
     assert "is not a folder" in record["stages"]["raw"]
+
+
+def test_the_release_gates_check_on_gen_eval_is_blocking(monkeypatch):
+    """A model that fails registry.gates must not reach export and registry in the same Dagster run."""
+    monkeypatch.setenv("TOKENLINE_PROFILE", "tiny")
+    from orchestration.definitions import defs
+
+    specs = [spec for assets in defs.assets for spec in assets.check_specs if spec.name == "registry_gates"]
+    assert [spec.asset_key.to_user_string() for spec in specs] == ["gen_eval"]
+    assert specs[0].blocking

@@ -1,4 +1,4 @@
-"""Checks on eval stage outputs (Dagster asset checks): FID, and the tokenizer's rFID and code usage."""
+"""Checks on eval stage outputs (Dagster asset checks): FID and the release gates, and the tokenizer's rFID and code usage."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from tokenline.config import Params
+from tokenline.eval.gates import check_gates
 from tokenline.layout import report_path
 
 
@@ -16,6 +17,17 @@ def fid_below_threshold(root: Path, manifest: dict, params: Params) -> tuple[boo
     metadata = {"fid": fid if fid is not None else "not computed", "threshold": params.gen_eval.max_fid,
                 "samples": report.get("samples", 0)}
     return fid is not None and fid <= params.gen_eval.max_fid, metadata
+
+
+def registry_gates(root: Path, manifest: dict, params: Params) -> tuple[bool, dict]:
+    """gen_eval's figures pass registry.gates (gates on figures gen_eval lacks, such as parity, are left to the registry).
+
+    Blocking in Dagster: a model that fails never reaches export and registry in the same run.
+    """
+    report = json.loads(report_path(root, manifest["dataset"], "gen_eval").read_text())
+    figures = {key: value for key, value in report.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    failures, skipped = check_gates(list(params.registry.gates), figures)
+    return not failures, {"failures": "; ".join(failures) or "none", "skipped": "; ".join(skipped) or "none"}
 
 
 def _recon_report(root: Path, manifest: dict) -> dict:

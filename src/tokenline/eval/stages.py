@@ -378,6 +378,8 @@ STAGES = (
         ),
         checks=(
             AssetCheck("fid_below_threshold", "gen_eval", "FID <= gen_eval.max_fid", eval_checks.fid_below_threshold),
+            AssetCheck("registry_gates", "gen_eval", "the figures pass registry.gates (blocking: a failing model is "
+                       "not exported or registered in the same run)", eval_checks.registry_gates, blocking=True),
         ),
     ),
     Stage(

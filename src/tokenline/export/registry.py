@@ -9,45 +9,22 @@ fails keeps `candidate` and a `gate_failures` tag saying why; production stays w
 from __future__ import annotations
 
 import json
-import operator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from tokenline.config import GATE_PATTERN
+from tokenline.eval.gates import check_gates
 from tokenline.export.runtime import MODEL_ARTIFACT, read_pipeline
 
 # The models-from-code file MLflow stores with each registered version (run on load; see its docstring).
 MODEL_FILE = Path(__file__).with_name("mlflow_model.py")
 CANDIDATE, PRODUCTION = "candidate", "production"
-_COMPARE = {"<=": operator.le, ">=": operator.ge}
 
 
 def model_name(dataset: str) -> str:
     """The registered model of a dataset."""
     return f"tokenline-{dataset}"
-
-
-def parse_gate(gate: str) -> tuple[str, str, float]:
-    """'fid <= 250' -> ('fid', '<=', 250.0); anything else is a ValueError naming the gate."""
-    match = GATE_PATTERN.match(gate)
-    if not match:
-        raise ValueError(f"registry gate {gate!r} is not '<metric> <= <number>' or '<metric> >= <number>'")
-    return match.group(1), match.group(2), float(match.group(3))
-
-
-def check_gates(gates: list[str], figures: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(failures, skipped): gates a figure misses, and gates whose figure this dataset does not report."""
-    failures, skipped = [], []
-    for gate in gates:
-        metric, sign, bound = parse_gate(gate)
-        value = figures.get(metric)
-        if value is None:
-            skipped.append(gate)
-        elif not _COMPARE[sign](float(value), bound):
-            failures.append(f"{metric} = {float(value):.4g}, gate {sign} {bound:g}")
-    return failures, skipped
 
 
 def gate_figures(gen_eval_report: dict[str, Any], pipeline: dict[str, Any]) -> dict[str, float]:
