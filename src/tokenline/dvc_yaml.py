@@ -79,4 +79,25 @@ def render_dvc_yaml(params_file: Path | None = None) -> str:
     """
     datasets = active_datasets(params_file)
     stages = {stage.name: stage_entry(stage) if stage.per_dataset else project_entry(stage, datasets) for stage in STAGES}
-    return HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)
+    return HEADER + yaml.safe_dump({"stages": stages, "artifacts": artifact_entries(datasets)}, sort_keys=False, width=120)
+
+
+def artifact_entries(datasets: list[str]) -> dict[str, dict]:
+    """dvc.yaml `artifacts:`: each dataset's output of every stage with a `dvc_artifact` type (the ONNX model),
+    so `dvc artifacts get REPO tokenline-<ds>` and the DVC model registry find it."""
+    entries = {}
+    for stage in STAGES:
+        if stage.dvc_artifact is None:
+            continue
+        for dataset in datasets:
+            output = stage.outputs[0]
+            entries[f"tokenline-{dataset}"] = {
+                "path": output_relpath(dataset, output),
+                "type": stage.dvc_artifact,
+                "desc": f"{dataset}: the exported text-to-image pipeline (ONNX graphs + pipeline.json); "
+                        "runs with numpy and onnxruntime (tokenline.export.runtime)",
+                "labels": ["onnx", "text-to-image", dataset],
+                "meta": {"dataset": dataset, "stage": stage.name, "figures": f"{output_relpath(dataset, output)}/pipeline.json",
+                         "eval": f"data/reports/{dataset}/gen_eval.json", "mlflow_model": f"tokenline-{dataset}"},
+            }
+    return entries

@@ -70,6 +70,7 @@ class Stage:
     scope: str = "dataset"  # "dataset" or "project" (see SCOPES)
     html: bool = False  # writes an HTML report: data/reports/<name>.html (project) or data/reports/<dataset>/<name>.html
     init_from: str | None = None  # params section whose `init` may name a checkpoint folder to start from (input INIT)
+    dvc_artifact: str | None = None  # a DVC artifact type ("model"): its output is declared in dvc.yaml's `artifacts:` per dataset
 
     def __post_init__(self):
         if self.scope not in SCOPES:

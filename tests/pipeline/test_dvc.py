@@ -42,7 +42,7 @@ def test_dvc_repro_in_fresh_clone(tmp_path):
     bin_dir = os.path.dirname(sys.executable)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ml.db'}"}
     dvc = os.path.join(bin_dir, "dvc")
-    repro = subprocess.run([dvc, "repro"], cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+    repro = subprocess.run([dvc, "repro"], cwd=clone, env=env, capture_output=True, text=True, timeout=1500)
     assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
     for dataset in ("openmoji", "shapes"):
         assert (clone / "data" / dataset / "captions" / "captions.jsonl").exists()
@@ -63,3 +63,26 @@ def test_dvc_repro_in_fresh_clone(tmp_path):
     assert html.count("<h2>openmoji</h2>") == html.count("<h2>shapes</h2>") == 1
     status = subprocess.run([dvc, "status"], cwd=clone, env=env, capture_output=True, text=True, check=True)
     assert "up to date" in status.stdout
+    _push_then_get_the_model(clone, tmp_path, env, dvc)
+
+
+def _push_then_get_the_model(clone: Path, tmp_path: Path, env: dict, dvc: str) -> None:
+    """A downstream team's path: the lineage pushed to the default remote (a folder beside the repo),
+    then `dvc get` of the exported model into an empty folder, which `tokenline generate` runs."""
+    push = subprocess.run([dvc, "push"], cwd=clone, env=env, capture_output=True, text=True, timeout=300)
+    assert push.returncode == 0, push.stdout[-2000:] + push.stderr[-2000:]
+    assert any((tmp_path / "tokenline-dvc-store").rglob("*")), "the default remote is a folder beside the repo"
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run([*git, "add", "dvc.lock"], cwd=clone, check=True)
+    subprocess.run([*git, "commit", "-qm", "lineage"], cwd=clone, check=True)
+    target = tmp_path / "downstream" / "onnx"
+    target.parent.mkdir()
+    got = subprocess.run([dvc, "get", str(clone), "models/shapes/onnx", "-o", str(target)], cwd=target.parent, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stdout[-2000:] + got.stderr[-2000:]
+    tokenline = os.path.join(os.path.dirname(dvc), "tokenline")
+    made = subprocess.run([tokenline, "generate", "--model", str(target), "--prompt", "a red circle", "--n", "2",
+                           "--out", str(tmp_path / "downstream" / "out")], cwd=target.parent, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+    assert len(list((tmp_path / "downstream" / "out").glob("0*.png"))) == 2

@@ -151,6 +151,7 @@ STAGES = (
         code=("generator", "tokenizer", "text", "eval"),
         params=("generator", "export"),
         report=True,
+        dvc_artifact="model",
         checks=(
             AssetCheck("files_match", "onnx", "every file pipeline.json lists is present with its sha256",
                        export_checks.files_match),
