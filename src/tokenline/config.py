@@ -351,8 +351,13 @@ class Params(Section):
         return dumped[key]
 
     def slice_hash(self, keys: list[str], dataset: str | None) -> str:
-        """Hash of the params a stage depends on, for staleness checks (dataset None: every active dataset)."""
-        sliced = {key: self.section(key) for key in keys}
+        """Hash of the params a stage depends on, for staleness checks (dataset None: every active dataset).
+
+        A per-dataset stage's hash reads its own dataset's spec, not the others' nor which datasets are
+        active: `tokenline run STAGE --dataset D` (what DVC calls) and `run all` then agree on freshness.
+        """
+        per_dataset = dataset is not None
+        sliced = {key: self.section(key) for key in keys if not (per_dataset and key in ("datasets", "active_datasets"))}
         if dataset is None:
             sliced["dataset"] = {name: self.datasets[name].model_dump(mode="json") for name in self.active_datasets}
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,9 @@ import pytest
 
 from conftest import REPO, run_stage
 from tokenline.dvc_yaml import render_dvc_yaml
+from tokenline.params_loading import load_params
 from tokenline.pipeline import STAGES, get_stage, stage_closure
+from tokenline.runner import staleness
 
 pytestmark = pytest.mark.integration  # runs stages, trains or starts processes
 
@@ -142,3 +145,16 @@ def test_cli_missing_folder_and_missing_input_are_clear(project, tmp_path):
     assert gone.returncode == 1 and "is not a folder" in gone.stderr
     orphan = _cli("run", "shards", "--profile", "tiny", "--dataset", "shapes", "--no-upstream", cwd=project)
     assert orphan.returncode == 1 and "has no manifest: run `tokenline run validate --dataset shapes` first" in orphan.stderr
+
+
+def test_one_dataset_run_and_an_all_datasets_run_agree_on_freshness(tmp_path):
+    """`--dataset D` (how DVC and users run one lineage) must not make the outputs of `run all` stale, nor the
+    other way round: a per-dataset stage's params hash reads only its own dataset."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    run_stage(tmp_path, "shards", "shapes")  # active_datasets = [shapes]
+    everything = load_params(tmp_path / "params.yaml", profile="tiny")  # active_datasets = [openmoji, shapes]
+    assert staleness(get_stage("shards"), everything, "shapes", tmp_path) is None
+    other = load_params(tmp_path / "params.yaml", profile="tiny", overrides=["datasets.openmoji.license=changed"])
+    assert staleness(get_stage("shards"), other, "shapes", tmp_path) is None  # another dataset's spec
+    mine = load_params(tmp_path / "params.yaml", profile="tiny", overrides=["datasets.shapes.size=40"])
+    assert staleness(get_stage("shards"), mine, "shapes", tmp_path) == "params changed"
