@@ -132,6 +132,7 @@ def promote(
     params_file: Optional[Path] = typer.Option(None, "--params", help="params file (default: ./params.yaml)"),
 ) -> None:
     """Point tokenline-<dataset>@production at a registered version (its gates must have passed)."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
         params = load_params(params_file)
         root = params_file.parent if params_file else project_root()

@@ -67,7 +67,7 @@ def test_materialize_every_asset_on_tiny(project):
         assert checks == {(check.output, check.name): True for stage in STAGES for check in stage.checks}
         assert {name for _, name in checks} == {
             "counts_add_up", "accept_rate", "rejects_have_reasons", "finite_weights", "rfid_below_threshold", "code_usage",
-            "fid_below_threshold",
+            "fid_below_threshold", "registry_gates", "files_match",
         }
         assert ("generator", "finite_weights") in checks and ("tokenizer", "finite_weights") in checks
         shards_event = next(e for e in result.get_asset_materialization_events() if e.asset_key.path == ["shards"])

@@ -8,6 +8,7 @@ both runtimes draw the same images for the same seed.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def download_model(uri: str, tracking_uri: str | None) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    for chatty in ("mlflow", "alembic"):  # set after the import, which configures mlflow's logger
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
