@@ -86,7 +86,7 @@ def export(ctx: StageContext) -> StageResult:
     metrics = {"parity_max_abs_diff": figures["max_abs_diff"], "torch_ms_per_image": figures["torch_ms_per_image"],
                "onnx_ms_per_image": min(run["ms_per_image"] for run in figures["runs"])}
     return StageResult(counts={"graphs": 3, "parity_prompts": len(prompts)}, metrics=metrics,
-                       report={**figures, "opset": p.opset, "sources": sources, "pipeline": str(folder.name)},
+                       report={**figures, "opset": p.opset, "sources": sources, "pipeline": str(published.relative_to(ctx.root))},
                        samples=samples)
 
 
