@@ -22,7 +22,7 @@ from conftest import run_stage
 from tokenline.cli import app
 from tokenline.config import ConfigError
 from tokenline.eval.gates import check_gates, parse_gate
-from tokenline.layout import output_path
+from tokenline.layout import output_path, samples_path
 from tokenline.params_loading import load_params
 
 pytestmark = pytest.mark.integration  # runs stages, registers models, starts a server
@@ -53,6 +53,7 @@ def test_a_version_that_fails_its_gates_leaves_production_where_it_was(registere
     tags = client.get_model_version("tokenline-shapes", str(second["version"])).tags
     assert tags["gates_passed"] == "false" and tags["gate_failures"].startswith("fid = ")
     assert tags["profile"] == "tiny" and len(tags["hash.generator"]) > 8 and "hash.shards" in tags
+    assert samples_path(registered[0], "shapes", "registry").is_file()  # what the version draws (a DVC plot)
 
 
 def test_a_downstream_process_loads_production_and_gets_images(registered, tmp_path):

@@ -21,7 +21,7 @@ from tokenline.eval.stages import METRICS
 from tokenline.export import checks as export_checks
 from tokenline.export.build import export_pipeline, measure_parity, torch_backend
 from tokenline.export.registry import gate_figures, register
-from tokenline.export.runtime import PIPELINE_FILE, read_pipeline, to_uint8
+from tokenline.export.runtime import PIPELINE_FILE, OnnxPipeline, read_pipeline, to_uint8
 from tokenline.generator.checkpoint import check_pairing, load_generator
 from tokenline.generator.generate import SamplingOptions
 from tokenline.layout import output_path
@@ -31,6 +31,8 @@ from tokenline.threads import usable_cores
 from tokenline.tokenizer.model import Tokenizer1D
 from tokenline.tokenizer.token_cache import TokenCache
 from tokenline.tracking import project_experiment
+
+SHEET_PROMPTS = 8  # images in the registry stage's contact sheet
 
 # gen_eval figures copied onto each registered version as tags (the UI's version page shows them).
 EVAL_TAGS = ("fid", "kid", "probe_r1", "probe_score", "clip_score", "shapes_color_acc", "shapes_shape_acc",
@@ -117,7 +119,12 @@ def registry(ctx: StageContext) -> StageResult:
     result = register(folder, ctx.dataset, tags, figures, list(ctx.params.registry.gates), uri, experiment)
     atomic_write_json(ctx.outputs["registry"] / "registry.json", result)
     counts = {"version": result["version"], "production_version": result["production_version"] or 0}
-    return StageResult(counts=counts, metrics={"gates_passed": float(result["gates_passed"])}, report=result)
+    # The contact sheet: what the registered version draws for the report's named prompts.
+    prompts = [prompt for prompts in ctx.params.gen_eval.prompt_sets.values() for prompt in prompts][:SHEET_PROMPTS] or [""]
+    images = OnnxPipeline(folder, threads=ctx.params.export.threads or usable_cores()).generate(prompts)
+    samples = [(Image.fromarray(image), f"v{result['version']}: {prompt or '(empty prompt)'}") for image, prompt in zip(images, prompts)]
+    return StageResult(counts=counts, metrics={"gates_passed": float(result["gates_passed"])}, report=result,
+                       samples=samples)
 
 
 def parity_problems(figures: dict) -> list[str]:
