@@ -32,8 +32,8 @@ def _check_exportable(generator, sampling: SamplingOptions, encoder: TextEncoder
     if not isinstance(encoder, MiniLMEncoder):
         raise ValueError(f"the export covers the minilm text encoder, not {encoder.name!r}")
     if isinstance(generator, FlowTransformer) and sampling.sampler not in ("euler", "heun"):
-        raise ValueError(f"the exported pipeline samples with euler or heun, not {sampling.sampler!r} "
-                         "(set export.sampler)")
+        raise ValueError(f"the exported pipeline samples with euler or heun, not {sampling.sampler!r}: "
+                         "set generator.sample.sampler")
     if sampling.guidance_interval is not None:
         raise ValueError("the exported pipeline guides every step; generator.sample.guidance_interval must be null")
 
