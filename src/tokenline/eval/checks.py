@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from tokenline.config import Params
-from tokenline.eval.gates import check_gates
+from tokenline.eval.gates import check_gates, scalar_figures
 from tokenline.layout import report_path
 
 
@@ -25,8 +25,7 @@ def registry_gates(root: Path, manifest: dict, params: Params) -> tuple[bool, di
     Blocking in Dagster: a model that fails never reaches export and registry in the same run.
     """
     report = json.loads(report_path(root, manifest["dataset"], "gen_eval").read_text())
-    figures = {key: value for key, value in report.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
-    failures, skipped = check_gates(list(params.registry.gates), figures)
+    failures, skipped = check_gates(list(params.registry.gates), scalar_figures(report))
     return not failures, {"failures": "; ".join(failures) or "none", "skipped": "; ".join(skipped) or "none"}
 
 

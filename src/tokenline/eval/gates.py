@@ -11,6 +11,12 @@ from tokenline.config import GATE_PATTERN
 _COMPARE = {"<=": operator.le, ">=": operator.ge}
 
 
+def scalar_figures(report: dict[str, Any]) -> dict[str, float]:
+    """A report's top-level numbers (booleans and nested tables left out), as floats: what gates and metrics read."""
+    return {key: float(value) for key, value in report.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
 def parse_gate(gate: str) -> tuple[str, str, float]:
     """'fid <= 250' -> ('fid', '<=', 250.0); anything else is a ValueError naming the gate."""
     match = GATE_PATTERN.match(gate)

@@ -24,6 +24,7 @@ from tokenline.data.shards import iter_shard_samples
 from tokenline.eval import checks as eval_checks
 from tokenline.eval.clip_score import ClipScorer
 from tokenline.eval.compositional import score_images
+from tokenline.eval.gates import scalar_figures
 from tokenline.eval.generation import GenerationMetrics
 from tokenline.eval.probe import (
     ProbeConfig,
@@ -240,8 +241,7 @@ def gen_eval(ctx: StageContext) -> StageResult:
     report["prompt_sets"] = save_prompt_sets(ctx.outputs["gen_eval"], sets)
     atomic_write_json(ctx.outputs["gen_eval"] / METRICS, report)
     previews = [(tensor_to_image(image), prompt) for image, prompt in zip(images[: ctx.params.tracking.contact_sheet], subject.prompts)]
-    numbers = {key: float(value) for key, value in report.items()
-               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    numbers = scalar_figures(report)
     plots = {"fid_vs_steps": sweeps["steps"], "fid_vs_guidance": sweeps["guidance"], "ms_vs_steps": sweeps["steps"]}
     return StageResult(counts={"samples": len(samples)}, metrics=numbers, report=report, samples=previews, plots=plots)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from tokenline.eval.gates import check_gates
+from tokenline.eval.gates import check_gates, scalar_figures
 from tokenline.export.runtime import MODEL_ARTIFACT, read_pipeline
 
 # The models-from-code file MLflow stores with each registered version (run on load; see its docstring).
@@ -29,8 +29,7 @@ def model_name(dataset: str) -> str:
 
 def gate_figures(gen_eval_report: dict[str, Any], pipeline: dict[str, Any]) -> dict[str, float]:
     """The numbers gates read: gen_eval's scalar figures and the export's parity."""
-    figures = {key: float(value) for key, value in gen_eval_report.items()
-               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    figures = scalar_figures(gen_eval_report)
     figures["parity_max_abs_diff"] = float(pipeline.get("parity", {}).get("max_abs_diff", float("inf")))
     return figures
 
