@@ -11,7 +11,6 @@ import os
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -103,7 +102,8 @@ def reference_set(root: Path, dataset: str, count: int) -> list[dict]:
     """gen_eval's reference samples (val split first, then train; captions from the captions stage)."""
     from tokenline.eval.stages import reference_samples
 
-    return reference_samples(SimpleNamespace(inputs=stage_inputs(root, dataset, "shards", "captions")), count)
+    inputs = stage_inputs(root, dataset, "shards", "captions")
+    return reference_samples(inputs["shards"], inputs["captions"], count)
 
 
 def load_pair(root: Path, dataset: str):

@@ -1,4 +1,4 @@
-"""The jobs: the per-dataset lineage, and the report over every dataset.
+"""The jobs: the per-dataset lineage, shipping a new checkpoint, the report over every dataset, the nightly re-eval.
 
 A job's assets share one partitioning, so the project-scope report is a job of its own (and a
 job may not share its name with an asset's op: hence report_all).
@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from dagster import AssetSelection, define_asset_job
 
-from orchestration.defs.assets import project_asset_keys
+from orchestration.defs.assets import asset_key, project_asset_keys
+from orchestration.defs.nightly import nightly_eval
+from tokenline.pipeline import get_stage
+
+# Shipping a checkpoint: its eval (whose blocking gates check stops a failing model), the export, the registration.
+SHIP_STAGES = ("gen_eval", "export", "registry")
 
 PROJECT = AssetSelection.assets(*project_asset_keys())
 
@@ -17,4 +22,8 @@ lineage_job = define_asset_job("lineage", selection=AssetSelection.all() - PROJE
 report_job = define_asset_job("report_all", selection=PROJECT,
                               description="Rebuild the HTML report over every dataset's latest eval.")
 
-JOBS = [lineage_job, report_job]
+ship_job = define_asset_job(
+    "ship", selection=AssetSelection.assets(*(asset_key(output) for name in SHIP_STAGES for output in get_stage(name).outputs)),
+    description="Evaluate, export and register one dataset's generator (the new_checkpoint sensor's job).")
+
+JOBS = [lineage_job, ship_job, report_job, nightly_eval]

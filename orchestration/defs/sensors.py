@@ -1,4 +1,5 @@
-"""The sensors: a failed run logs its failed stages and marks them in data/reports/failures.jsonl."""
+"""The sensors: a new generator checkpoint is shipped (evaluated, exported, registered); a failed run logs its
+failed stages and marks them in data/reports/failures.jsonl."""
 
 from __future__ import annotations
 
@@ -6,9 +7,17 @@ import json
 import time
 from pathlib import Path
 
-from dagster import RunFailureSensorContext, run_failure_sensor
+from dagster import RunFailureSensorContext, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, \
+    run_failure_sensor, sensor
 
+from orchestration.defs.jobs import SHIP_STAGES, ship_job
 from orchestration.defs.resources import TokenlineResource
+from tokenline.artifacts import DamagedOutputError, read_manifest
+from tokenline.config import Params
+from tokenline.layout import output_path
+from tokenline.locks import is_locked
+from tokenline.pipeline import PRODUCER, get_stage
+from tokenline.runner import MissingInputError, staleness
 
 FAILURES = Path("data") / "reports" / "failures.jsonl"
 
@@ -45,4 +54,51 @@ def stage_failure_sensor(context: RunFailureSensorContext, tokenline: TokenlineR
         file.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-SENSORS = [stage_failure_sensor]
+# The checkpoints whose arrival ships a model: the export's inputs made by a generator or a distilled student.
+CHECKPOINT_AREAS = ("generator", "distill")
+
+
+def watched_checkpoints() -> list[str]:
+    """The outputs the new_checkpoint sensor watches (today `generator`)."""
+    return [name for name in get_stage("export").inputs if PRODUCER[name].area in CHECKPOINT_AREAS]
+
+
+def ship_request(params: Params, dataset: str, root: Path) -> RunRequest | str:
+    """A `ship` run for `dataset` when a committed checkpoint is not yet evaluated, exported and registered;
+    otherwise why not (a sentence). The run key names the checkpoints' hashes: each lands once."""
+    hashes = []
+    for name in watched_checkpoints():
+        manifest = read_manifest(output_path(root, dataset, name))
+        if manifest is None:
+            return f"{dataset}: no {name} checkpoint yet"
+        hashes.append(manifest["content_hash"][:12])
+    stages = [get_stage(name) for name in SHIP_STAGES]
+    busy = [output for stage in stages for output in stage.outputs if is_locked(output_path(root, dataset, output))]
+    if busy:
+        return f"{dataset}: a run is writing {', '.join(busy)}"
+    try:
+        stale = [stage.name for stage in stages if staleness(stage, params, dataset, root) is not None]
+    except (DamagedOutputError, MissingInputError) as error:
+        return f"{dataset}: {error}"
+    if not stale:
+        return f"{dataset}: checkpoint {'/'.join(hashes)} is already shipped"
+    return RunRequest(run_key=f"{dataset}-{'-'.join(hashes)}", partition_key=dataset,
+                      tags={"tokenline/reason": f"new checkpoint {'/'.join(hashes)}; stale: {', '.join(stale)}"})
+
+
+@sensor(name="new_checkpoint", job=ship_job, minimum_interval_seconds=60,
+        description="When a new generator (or student) checkpoint lands, by any driver, run gen_eval, export and "
+                    "registry for its dataset (once per checkpoint).")
+def new_checkpoint_sensor(context: SensorEvaluationContext, tokenline: TokenlineResource) -> SensorResult | SkipReason:
+    """Ship each dataset whose checkpoint is newer than its registered model."""
+    root = Path(tokenline.root)
+    requests, reasons = [], []
+    for dataset in tokenline.params().active_datasets:
+        decision = ship_request(tokenline.params(dataset), dataset, root)
+        (requests if isinstance(decision, RunRequest) else reasons).append(decision)
+    if not requests:
+        return SkipReason("; ".join(reasons))
+    return SensorResult(run_requests=requests)
+
+
+SENSORS = [new_checkpoint_sensor, stage_failure_sensor]

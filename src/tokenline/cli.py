@@ -14,6 +14,7 @@ from tokenline.config import ConfigError
 from tokenline.params_loading import load_params, project_root
 from tokenline.dvc_yaml import render_dvc_yaml
 from tokenline.export.generation import open_pipeline, resolve_model, write_images
+from tokenline.export.nightly import DAY_PATTERN, evaluate_production, nightly_line
 from tokenline.export.registry import model_name
 from tokenline.export.registry import promote as promote_version
 from tokenline.pipeline import STAGES, get_stage
@@ -141,6 +142,42 @@ def promote(
         typer.secho(f"error: {one_line(error)}", fg="red", err=True)
         raise typer.Exit(1)
     typer.echo(f"models:/{model_name(dataset)}@production -> version {promoted}")
+
+
+@app.command()
+def nightly(
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="this dataset only (default: every active one)"),
+    day: Optional[str] = typer.Option(None, "--day", help="the report's date, YYYY-MM-DD (default: today)"),
+    profile: Optional[str] = typer.Option(None, "--profile", "-p", help="params profile (default: params.yaml's `profile`)"),
+    params_file: Optional[Path] = typer.Option(None, "--params", help="params file (default: ./params.yaml)"),
+) -> None:
+    """Re-evaluate each dataset's production model on today's eval data; exit 1 on a regression.
+
+    Writes data/reports/nightly/<day>/<dataset>.json (kept: a second run for the same day prints the
+    first report) and compares it with the newest earlier night's.
+    """
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    use_usable_cores()
+    if day is not None and not DAY_PATTERN.match(day):
+        typer.secho(f"error: --day must be YYYY-MM-DD, not {day!r}", fg="red", err=True)
+        raise typer.Exit(2)
+    failed = False
+    try:
+        params = load_params(params_file, profile=profile, dataset=dataset)
+    except ConfigError as error:
+        typer.secho(f"error: {error}", fg="red", err=True)
+        raise typer.Exit(2)
+    root = params_file.parent if params_file else project_root()
+    for name in params.active_datasets:
+        try:
+            report = evaluate_production(name, params, root, tracking_uri(params, root), day, progress=True)
+        except Exception as error:  # noqa: BLE001 - one line a person can act on, then the next dataset
+            typer.secho(f"error: {name}: {one_line(error)}", fg="red", err=True)
+            failed = True
+            continue
+        typer.echo(nightly_line(report))
+        failed |= report["regressed"]
+    raise typer.Exit(1 if failed else 0)
 
 
 def _tracking_uri_here() -> str | None:

@@ -277,6 +277,15 @@ class RegistryParams(Section):
         return value
 
 
+class NightlyParams(Section):
+    """The nightly re-evaluation of each dataset's `production` model (`tokenline nightly`, Dagster schedule `nightly_eval`)."""
+
+    samples: int = Field(64, ge=2)  # generated images = real eval images (val split first, then train)
+    seed: int = 0  # image i draws its noise from (seed, i): nights differ only by model and data
+    kid_subset_size: int = Field(50, ge=2)
+    max_regression: float = Field(0.05, ge=0.0)  # flag a figure worse than last night's by more than this fraction
+
+
 class ReportParams(Section):
     """The cross-dataset HTML report."""
 
@@ -312,6 +321,7 @@ class Params(Section):
     gen_eval: GenEvalParams = GenEvalParams()
     export: ExportParams = ExportParams()
     registry: RegistryParams = RegistryParams()
+    nightly: NightlyParams = NightlyParams()
     report: ReportParams = ReportParams()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

@@ -37,6 +37,21 @@ def _holder(path: Path) -> str:
     return note or "another process"
 
 
+def is_locked(folder: Path) -> bool:
+    """Whether a run holds the lock of `folder` now (a look, not a claim: the answer can change at once)."""
+    path = lock_file(folder)
+    if not path.exists():
+        return False
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(handle)  # also releases the lock taken just to look
+    return False
+
+
 @contextlib.contextmanager
 def hold_lock(folder: Path) -> Iterator[None]:
     """Hold the exclusive lock of `folder` for the block; OutputLockedError at once when another process has it."""

@@ -20,6 +20,8 @@ from tokenline.artifacts import (
 )
 from tokenline.config import ConfigError, Params
 from tokenline.contact_sheet import contact_sheet, png_bytes
+from tokenline.dagster_events import report_runless
+from tokenline.dvc_lock import record_in_dvc_lock
 from tokenline.generator.spec import check_generator_params
 from tokenline.layout import (
     html_relpath,
@@ -173,6 +175,7 @@ def _locked_folders(stage: Stage, dataset: str | None, root: Path) -> list[Path]
 
 def run_one(
     stage: Stage, params: Params, dataset: str | None, root: Path, resume: bool = False, force: bool = False,
+    tell_dagster: bool = True,
 ) -> StageRun:
     """Run one stage on one dataset (dataset None: a project-scope stage over every active dataset) now.
 
@@ -180,6 +183,10 @@ def run_one(
     training config unless `force`). The run holds the lock of every folder it writes from
     start to end (OutputLockedError when another run has one), sweeps what killed runs left
     there, and marks its MLflow run FAILED on any failure.
+
+    A built stage is recorded for the other drivers: in dvc.lock (when DVC would have built it the
+    same way) and, with tracking on and `tell_dagster` (off inside Dagster, which records its own
+    runs), as a runless materialization in the project's Dagster home.
     """
 
     root = Path(root)
@@ -198,10 +205,14 @@ def run_one(
         log.info("running %s on %s (profile %s)", stage.name, dataset or "every active dataset", params.profile)
         tracker = start_tracker(stage, params, dataset, root)
         try:
-            return _run_tracked(stage, params, dataset, root, resume, force, input_hashes, tracker)
+            outcome = _run_tracked(stage, params, dataset, root, resume, force, input_hashes, tracker)
         except BaseException:
             tracker.fail()
             raise
+        record_in_dvc_lock(stage, params, dataset, root)
+    if tell_dagster and params.tracking.enabled:
+        report_runless(stage, params, dataset, root, outcome.manifests, outcome.mlflow_run_id)
+    return outcome
 
 
 def _run_tracked(stage: Stage, params: Params, dataset: str | None, root: Path, resume: bool, force: bool,
@@ -256,7 +267,8 @@ def _run_tracked(stage: Stage, params: Params, dataset: str | None, root: Path, 
     return StageRun(stage.name, dataset, skipped=False, manifests=manifests, result=result, mlflow_run_id=run_id)
 
 
-def _run_if_stale(step: Stage, params: Params, dataset: str | None, root: Path, force: bool, resume: bool) -> StageRun:
+def _run_if_stale(step: Stage, params: Params, dataset: str | None, root: Path, force: bool, resume: bool,
+                  tell_dagster: bool = True) -> StageRun:
     """Run `step` when it is stale or forced; otherwise record it as skipped."""
     where = dataset or "every active dataset"
     # A forced step is being rebuilt: its own damaged outputs are what the user asked to replace.
@@ -267,32 +279,34 @@ def _run_if_stale(step: Stage, params: Params, dataset: str | None, root: Path, 
         return StageRun(step.name, dataset, skipped=True, manifests=manifests)
     if reason:
         log.info("%s on %s: %s", step.name, where, reason)
-    return run_one(step, params, dataset, root, resume=resume, force=force)
+    return run_one(step, params, dataset, root, resume=resume, force=force, tell_dagster=tell_dagster)
 
 
 def run_with_upstream(
     stage: Stage, params: Params, dataset: str, root: Path, upstream: bool = True, force: bool = False,
-    resume: bool = False,
+    resume: bool = False, tell_dagster: bool = True,
 ) -> list[StageRun]:
     """Run `stage` after every upstream stage whose outputs are missing or stale.
 
     The named stage always runs unless it is fresh and `force` is off; `upstream=False`
     runs only the named stage (DVC's way: DVC itself decides what is stale). `resume`
-    applies to the named stage only.
+    applies to the named stage only. `tell_dagster` off: Dagster is the driver (see run_one).
     """
     if not stage.per_dataset:
         raise ValueError(f"stage {stage.name!r} covers every dataset: run it with run_project")
     check_params(params)
     chain = stage_closure(stage) if upstream else [stage]
-    return [_run_if_stale(step, params, dataset, root, force and step is stage, resume and step is stage) for step in chain]
+    return [_run_if_stale(step, params, dataset, root, force and step is stage, resume and step is stage, tell_dagster)
+            for step in chain]
 
 
-def run_project(stage: Stage, params: Params, root: Path, upstream: bool = True, force: bool = False) -> list[StageRun]:
+def run_project(stage: Stage, params: Params, root: Path, upstream: bool = True, force: bool = False,
+                tell_dagster: bool = True) -> list[StageRun]:
     """Run a project-scope stage once over every active dataset, after each dataset's stale upstream stages."""
     check_params(params)
     runs = []
     if upstream:
         for name in params.active_datasets:
             for parent in upstream_stages(stage):
-                runs.extend(run_with_upstream(parent, params, name, root))
-    return [*runs, _run_if_stale(stage, params, None, root, force, resume=False)]
+                runs.extend(run_with_upstream(parent, params, name, root, tell_dagster=tell_dagster))
+    return [*runs, _run_if_stale(stage, params, None, root, force, resume=False, tell_dagster=tell_dagster)]

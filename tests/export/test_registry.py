@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -161,3 +163,82 @@ def test_the_gen_eval_gate_check_fails_on_a_missed_gate(registered):
     assert metadata["skipped"] == "parity_max_abs_diff <= 0.001"  # the export's figure, not gen_eval's
     loose = load_params(root / "params.yaml", profile="tiny", overrides=['registry.gates=["fid <= 100000"]'])
     assert registry_gates(root, manifest, loose)[0]
+
+
+def test_nightly_reevaluates_production_keeps_each_night_and_flags_a_regression(registered, monkeypatch):
+    root, uri, first, _ = registered
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias("tokenline-shapes", "production",
+                                                                                str(first["version"]))
+    nightly = ["nightly", "--dataset", "shapes", "--profile", "tiny", "--params", str(root / "params.yaml")]
+    night = root / "data" / "reports" / "nightly"
+
+    one = CliRunner().invoke(app, [*nightly, "--day", "2026-11-28"])
+    assert one.exit_code == 0, one.output
+    report = json.loads((night / "2026-11-28" / "shapes.json").read_text())
+    assert report["version"] == first["version"] and report["previous"] is None and not report["regressed"]
+    assert report["figures"]["fid"] > 0 and "shapes_color_acc" in report["figures"]
+    assert (night / "2026-11-28" / "shapes.png").is_file() and "first night on record" in one.output
+
+    written = (night / "2026-11-28" / "shapes.json").stat().st_mtime_ns
+    again = CliRunner().invoke(app, [*nightly, "--day", "2026-11-28"])
+    assert again.exit_code == 0 and "kept from an earlier run" in again.output
+    assert (night / "2026-11-28" / "shapes.json").stat().st_mtime_ns == written  # a night's report is never rewritten
+
+    # Same model, data and seed: the same figures, so no regression against the night before.
+    two = CliRunner().invoke(app, [*nightly, "--day", "2026-11-29"])
+    second = json.loads((night / "2026-11-29" / "shapes.json").read_text())
+    assert two.exit_code == 0 and second["previous"]["day"] == "2026-11-28"
+    assert second["figures"]["fid"] == pytest.approx(report["figures"]["fid"], rel=1e-6)
+
+    # A previous night that scored far better: today's FID is a regression beyond nightly.max_regression.
+    doctored = second | {"figures": second["figures"] | {"fid": second["figures"]["fid"] / 2}}
+    (night / "2026-11-29" / "shapes.json").write_text(json.dumps(doctored))
+    three = CliRunner().invoke(app, [*nightly, "--day", "2026-11-30"])
+    third = json.loads((night / "2026-11-30" / "shapes.json").read_text())
+    assert three.exit_code == 1 and "REGRESSED: fid" in three.output
+    assert third["regressed"] and third["regressions"][0].startswith("fid ")
+    bad_day = CliRunner().invoke(app, [*nightly, "--day", "30/11/2026"])
+    assert bad_day.exit_code == 2 and "YYYY-MM-DD" in bad_day.output
+
+
+def test_the_nightly_schedule_runs_the_dagster_job_for_its_date(registered, monkeypatch):
+    from dagster import build_schedule_context
+
+    from orchestration.defs.nightly import nightly_eval
+    from orchestration.defs.resources import TokenlineResource
+    from orchestration.defs.schedules import nightly_eval_schedule
+
+    root, uri, _, _ = registered
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tick = build_schedule_context(scheduled_execution_time=datetime.datetime(2026, 12, 1, 2, 0))
+    request = nightly_eval_schedule(tick)
+    assert request.run_key == "2026-12-01"
+    resource = TokenlineResource(root=str(root), profile="tiny", overrides=["active_datasets=[shapes]"])
+    result = nightly_eval.execute_in_process(run_config=request.run_config, resources={"tokenline": resource})
+    assert result.success
+    report = json.loads((root / "data" / "reports" / "nightly" / "2026-12-01" / "shapes.json").read_text())
+    assert report["day"] == "2026-12-01" and report["figures"]["fid"] > 0
+
+
+def test_a_new_checkpoint_ships_once_and_not_while_a_run_writes(registered, tmp_path):
+    from dagster import RunRequest
+
+    from orchestration.defs.sensors import ship_request
+    from tokenline.locks import hold_lock
+
+    root = tmp_path / "project"
+    shutil.copytree(registered[0], root, ignore=shutil.ignore_patterns("*.lock", "mlflow.db"))
+    shipped = ['registry.gates=["fid <= 1"]']  # the params the registered fixture last shipped with
+    params = load_params(root / "params.yaml", profile="tiny", overrides=shipped, dataset="shapes")
+    assert "already shipped" in ship_request(params, "shapes", root)
+
+    newer = [*shipped, "generator.train.steps=10"]  # a retrained generator: a new checkpoint
+    run_stage(root, "generator", "shapes", *newer)
+    params = load_params(root / "params.yaml", profile="tiny", overrides=newer, dataset="shapes")
+    request = ship_request(params, "shapes", root)
+    assert isinstance(request, RunRequest) and request.partition_key == "shapes"
+    checkpoint = json.loads((output_path(root, "shapes", "generator") / "manifest.json").read_text())["content_hash"]
+    assert request.run_key == f"shapes-{checkpoint[:12]}"
+    with hold_lock(output_path(root, "shapes", "onnx")):
+        assert "a run is writing onnx" in ship_request(params, "shapes", root)

@@ -46,6 +46,9 @@ def test_definitions_load_with_every_output_as_an_asset(monkeypatch):
     assert "report" not in {key.path[0] for key in defs.resolve_job_def("lineage").asset_layer.executable_asset_keys}
     schedule = defs.resolve_schedule_def("nightly_report")
     assert schedule.job_name == "report_all" and schedule.cron_schedule == "0 3 * * *"
+    nightly = defs.resolve_schedule_def("nightly_eval")  # re-evaluates production before the report is drawn
+    assert nightly.job_name == "nightly_eval" and nightly.cron_schedule == "0 2 * * *"
+    assert defs.resolve_sensor_def("new_checkpoint").job_name == "ship"
     check_names = {key.name for key in graph.asset_check_keys}
     assert {"counts_add_up", "accept_rate", "rejects_have_reasons", "finite_weights", "rfid_below_threshold", "code_usage",
             "fid_below_threshold"} <= check_names
@@ -144,6 +147,7 @@ def _graph_summary(defs) -> dict:
         "checks": sorted(f"{key.asset_key.to_user_string()}:{key.name}" for key in graph.asset_check_keys),
         "jobs": sorted(job.name for job in defs.resolve_all_job_defs() if not job.name.startswith("__")),
         "schedules": sorted([s.name, s.job_name, s.cron_schedule] for s in defs.schedules),
+        "sensors": sorted(s.name for s in defs.sensors),
     }
 
 

@@ -17,7 +17,7 @@ SRC = REPO / "src"
 # ranked among themselves too: eval uses generators, generators use tokenizers, and so on down.
 LAYERS = {
     "cli": 9, "__main__": 9,
-    "runner": 8, "dvc_yaml": 8,
+    "runner": 8, "dvc_yaml": 8, "dvc_lock": 8, "dagster_events": 8,
     "pipeline": 7,
     "export": 6, "distill": 5, "eval": 4, "generator": 3, "tokenizer": 2, "data": 1, "text": 1,
     "stage": 0, "layout": 0, "config": 0, "params_loading": 0, "artifacts": 0, "training": 0, "train_config": 0, "tracking": 0,

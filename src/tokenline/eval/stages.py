@@ -51,12 +51,12 @@ TRAINING = "training.json"
 METRICS = "metrics.json"  # gen_eval's report inside its output folder (the report stage reads it)
 
 
-def reference_samples(ctx: StageContext, count: int) -> list[dict]:
+def reference_samples(shards: Path, captions_dir: Path, count: int) -> list[dict]:
     """Up to `count` real samples for the eval: the val split first, then train; captions from the captions stage."""
-    captions = caption_map(ctx.inputs["captions"])
+    captions = caption_map(captions_dir)
     samples: list[dict] = []
     for split in ("val", "train"):
-        for sample in iter_shard_samples(ctx.inputs["shards"], split):
+        for sample in iter_shard_samples(shards, split):
             if len(samples) >= count:
                 return samples
             sample["caption"] = captions.get(sample["key"], sample["caption"])
@@ -198,7 +198,7 @@ def _load_subject(ctx: StageContext) -> tuple[Subject, list[dict], str]:
     tokenizer_hash = read_manifest(tokenizer_dir)["content_hash"]
     check_pairing(generator_dir, tokenizer_dir, tokenizer_hash)
     tokenizer = Tokenizer1D.from_checkpoint(tokenizer_dir)
-    samples = reference_samples(ctx, p.samples)
+    samples = reference_samples(ctx.inputs["shards"], ctx.inputs["captions"], p.samples)
     if len(samples) < 2:
         raise ValueError(f"gen_eval needs at least 2 real images in {ctx.inputs['shards']}, found {len(samples)}")
     subject = Subject(load_generator(generator_dir), tokenizer, cached_text_encoder(ctx.root, ctx.params),
