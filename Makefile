@@ -20,7 +20,8 @@ demo: $(STAMP)
 	@test ! -f demo-time.log || grep -E "Elapsed|Maximum resident" demo-time.log
 	@echo "Outputs: data/<dataset>/  Reports: data/reports/<dataset>/  Samples: data/reports/<dataset>/<stage>.png"
 	@echo "MLflow:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns.db"
-	@echo "Dagster: make dagster   DVC: $(BIN)/dvc repro && $(BIN)/dvc metrics show"
+	@echo "Dagster: make dagster (the demo's runs are recorded there)   DVC: $(BIN)/dvc status (up to date) && $(BIN)/dvc metrics show"
+	@echo "Nightly: $(BIN)/tokenline nightly   (re-evaluates each production model: data/reports/nightly/<date>/)"
 	@echo "Report:  $(CURDIR)/data/reports/report.html"
 	@echo "Try it:  $(BIN)/tokenline generate --model models:/tokenline-openmoji@production --prompt 'a red heart' --n 4 --out out/"
 	@echo "Serve:   PATH=$(CURDIR)/$(BIN):\$$PATH MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlruns.db mlflow models serve -m models:/tokenline-openmoji@production --env-manager local -h 127.0.0.1 -p 5000"
@@ -45,8 +46,11 @@ test-slow: $(STAMP)
 dvc-yaml: $(STAMP)
 	$(BIN)/tokenline dvc-yaml > dvc.yaml
 
+# The project's own Dagster home (gitignored): runs by `tokenline run` and `dvc repro` are reported
+# there as materializations, so the UI shows what the demo built; schedules and sensors persist.
 dagster: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dagster dev -m orchestration.definitions
+	mkdir -p .dagster_home
+	DAGSTER_HOME=$(CURDIR)/.dagster_home PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dagster dev -m orchestration.definitions
 
 clean:
-	rm -rf data/*/ models/*/ mlruns.db mlartifacts demo-time.log
+	rm -rf data/*/ models/*/ mlruns.db mlartifacts demo-time.log .dagster_home

@@ -51,20 +51,20 @@ PRECISIONS = ("fp32", "bf16")
 # Speed: alternating single steps
 # -----------------------------------------------------------------------------
 
-def _tokenizer_step(params, shard_dir: Path):
-    """A closure that trains the cpu-profile tokenizer one step on the next batch of real images."""
+def _tokenizer_step(params, shard_dir: Path, device: str = "cpu"):
+    """A closure that trains the profile's tokenizer one step on the next batch of real images (on `device`)."""
     from tokenline.tokenizer.model import Tokenizer1D
     from tokenline.tokenizer.spec import tokenizer_config
     from tokenline.tokenizer.train import ShardImages
 
     torch.manual_seed(0)
-    model = Tokenizer1D(tokenizer_config(params, 0)).train()
+    model = Tokenizer1D(tokenizer_config(params, 0)).train().to(device)
     data = ShardImages(shard_dir)
     batch = params.tokenizer.train.batch_size
 
     def loss_of(step: int):
         rows = torch.arange(step * batch, (step + 1) * batch) % len(data.images)
-        images = data.images[rows].float() / 127.5 - 1.0
+        images = data.images[rows].to(device).float() / 127.5 - 1.0
         reconstruction, quantized = model(images)
         reconstruction = reconstruction.float()
         return F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images) + quantized.loss.float()
@@ -72,8 +72,8 @@ def _tokenizer_step(params, shard_dir: Path):
     return model, loss_of
 
 
-def _generator_step(params, objective: str):
-    """A closure that trains the cpu-profile generator of `objective` one step on random tokens and captions."""
+def _generator_step(params, objective: str, device: str = "cpu"):
+    """A closure that trains the profile's generator of `objective` one step on random tokens and captions (on `device`)."""
     from tokenline.generator.model import GeneratorConfig, TextBatch, build_generator
     from tokenline.generator.objectives import flow_matching_loss, masked_token_loss
     from tokenline.generator.spec import generator_config_values
@@ -85,17 +85,18 @@ def _generator_step(params, objective: str):
             "text_dim": 384, "text_pooled_dim": 384, "text_tokens": t.text_tokens, "tokenizer_hash": ""}
     values = generator_config_values(params, meta) | {"objective": objective}
     torch.manual_seed(0)
-    model = build_generator(GeneratorConfig.from_dict(values)).train()
+    model = build_generator(GeneratorConfig.from_dict(values)).train().to(device)
     batch = params.generator.train.batch_size
     generator = torch.Generator().manual_seed(0)
-    text = TextBatch(torch.randn(batch, t.text_tokens, 384, generator=generator),
-                     torch.ones(batch, t.text_tokens, dtype=torch.bool), torch.randn(batch, 384, generator=generator))
+    text = TextBatch(torch.randn(batch, t.text_tokens, 384, generator=generator).to(device),
+                     torch.ones(batch, t.text_tokens, dtype=torch.bool).to(device),
+                     torch.randn(batch, 384, generator=generator).to(device))
 
     def loss_of(step: int):
         if objective == "masked":
             codes = torch.randint(0, model.config.codebook_size, (batch, t.num_tokens), generator=generator)
-            return masked_token_loss(model, codes, text)
-        return flow_matching_loss(model, torch.randn(batch, t.num_tokens, 12, generator=generator), text)
+            return masked_token_loss(model, codes.to(device), text)
+        return flow_matching_loss(model, torch.randn(batch, t.num_tokens, 12, generator=generator).to(device), text)
 
     return model, loss_of
 

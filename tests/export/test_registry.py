@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import run_stage
+from conftest import REPO, run_stage
 from tokenline.cli import app
 from tokenline.config import ConfigError
 from tokenline.eval.gates import check_gates, parse_gate
@@ -242,3 +242,15 @@ def test_a_new_checkpoint_ships_once_and_not_while_a_run_writes(registered, tmp_
     assert request.run_key == f"shapes-{checkpoint[:12]}"
     with hold_lock(output_path(root, "shapes", "onnx")):
         assert "a run is writing onnx" in ship_request(params, "shapes", root)
+
+
+def test_the_gpu_check_script_runs_on_a_cpu_machine_saying_what_it_skipped(registered, tmp_path):
+    root = tmp_path / "project"
+    shutil.copytree(registered[0], root, ignore=shutil.ignore_patterns("*.lock", "mlflow.db"))
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([str(REPO / "benchmarks" / "gpu_check.sh"), "--root", str(root)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "export: built nothing (fresh)" in done.stdout and "parity: max |torch - onnxruntime| = " in done.stdout
+    assert "skipped: onnxruntime on CUDA" in done.stdout and "skipped: bf16 training steps on CUDA" in done.stdout
+    assert "onnxruntime cpu: batch 1: " in done.stdout and done.stdout.strip().endswith("gpu_check: done")
