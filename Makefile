@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-slow bench dvc-yaml dagster clean
+.PHONY: demo test test-unit test-slow bench dvc-yaml dvc-plots-offline dagster clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,22 @@ test-slow: $(STAMP)
 
 dvc-yaml: $(STAMP)
 	$(BIN)/tokenline dvc-yaml > dvc.yaml
+
+# `dvc plots show`'s page loads Vega from a CDN and is blank offline. This fetches the three scripts
+# DVC names (from the npm registry, once), inlines them into a template under .dvc/tmp/ and points
+# this checkout's DVC at it (`.dvc/config.local`), so the page renders without a network.
+VEGA := vega@5.20.2:build/vega.min.js vega-lite@5.2.0:build/vega-lite.min.js vega-embed@6.18.2:build/vega-embed.min.js
+PLOTS_TEMPLATE := .dvc/tmp/plots-offline.html
+
+dvc-plots-offline: $(STAMP)
+	rm -rf .dvc/tmp/vega && mkdir -p .dvc/tmp/vega
+	cd .dvc/tmp/vega && for entry in $(VEGA); do \
+	  package=$${entry%%:*}; mkdir -p $$package && npm pack --silent $$package | xargs -I{} tar xzf {} -C $$package; done
+	{ echo '<!DOCTYPE html><html><head><meta charset="utf-8"><title>DVC Plot</title>'; \
+	  for entry in $(VEGA); do echo '<script>'; cat .dvc/tmp/vega/$${entry%%:*}/package/$${entry#*:}; echo '</script>'; done; \
+	  echo '<style>table { border-spacing: 15px; }</style></head><body>{plot_divs}</body></html>'; } > $(PLOTS_TEMPLATE)
+	$(BIN)/dvc config --local plots.html_template $(CURDIR)/$(PLOTS_TEMPLATE)
+	@echo "dvc plots show now renders offline (template: $(PLOTS_TEMPLATE))"
 
 # The project's own Dagster home (gitignored): runs by `tokenline run` and `dvc repro` are reported
 # there as materializations, so the UI shows what the demo built; schedules and sensors persist.
