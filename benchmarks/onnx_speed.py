@@ -1,5 +1,5 @@
 """Prompt -> image speed of an exported pipeline: torch eager vs onnxruntime fp32 vs onnxruntime with
-the generator quantized to int8 (onnxruntime.quantization.quantize_dynamic), at batch 1 and 16.
+the generator (and also the decoder) quantized to int8 (onnxruntime.quantization.quantize_dynamic), at batch 1 and 16.
 
 Every variant runs the same numpy sampler loop (tokenline.export.runtime) on the same prompts and
 seeds; only the backend that evaluates the graphs differs. Timings alternate the variants in this
@@ -35,14 +35,15 @@ from tokenline.tokenizer.pixels import image_to_tensor
 BATCHES = (1, 16)
 
 
-def quantized_copy(folder: Path, into: Path) -> Path:
-    """A copy of the exported folder whose generator.onnx is int8 dynamic-quantized (hashes rewritten)."""
+def quantized_copy(folder: Path, into: Path, graphs: tuple[str, ...] = ("generator.onnx",)) -> Path:
+    """A copy of the exported folder whose `graphs` are int8 dynamic-quantized (hashes rewritten)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     shutil.copytree(folder, into)
-    quantize_dynamic(str(folder / "generator.onnx"), str(into / "generator.onnx"), weight_type=QuantType.QInt8)
     spec = json.loads((into / PIPELINE_FILE).read_text())
-    spec["files"]["generator.onnx"] = hash_file(into / "generator.onnx")
+    for graph in graphs:
+        quantize_dynamic(str(folder / graph), str(into / graph), weight_type=QuantType.QInt8)
+        spec["files"][graph] = hash_file(into / graph)
     (into / PIPELINE_FILE).write_text(json.dumps(spec))
     return into
 
@@ -92,7 +93,10 @@ def main() -> None:
         variants = {"torch": open_pipeline(folder, "torch"),
                     "onnxruntime fp32": OnnxPipeline(folder, threads=args.threads),
                     "onnxruntime int8 generator": OnnxPipeline(quantized_copy(folder, Path(scratch) / "int8"),
-                                                               threads=args.threads)}
+                                                               threads=args.threads),
+                    "onnxruntime int8 generator + decoder": OnnxPipeline(
+                        quantized_copy(folder, Path(scratch) / "int8_both", ("generator.onnx", "decoder.onnx")),
+                        threads=args.threads)}
         timings = speed(variants, prompts, args.pairs)
         images = {name: np.concatenate(list(p.generate_batches(prompts, batch_size=16, unit=True)))
                   for name, p in variants.items()}

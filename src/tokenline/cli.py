@@ -61,7 +61,7 @@ def run(
     """
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("great_expectations", "alembic", "mlflow"):
+    for noisy in ("great_expectations", "alembic", "mlflow", "dvc"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     use_usable_cores()
     try:
