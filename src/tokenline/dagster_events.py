@@ -17,6 +17,7 @@ from PIL import Image
 
 from tokenline.config import Params
 from tokenline.contact_sheet import markdown_image
+from tokenline.dvc_lock import DVC_RUNNING
 from tokenline.layout import html_relpath, output_path, report_path, samples_path
 from tokenline.stage import Stage
 from tokenline.tracking import run_link
@@ -93,4 +94,4 @@ def report_runless(stage: Stage, params: Params, dataset: str | None, root: Path
 
 def driver_name() -> str:
     """Which driver ran the stage, as the UI names it: `dvc repro` or `tokenline run`."""
-    return "dvc repro" if os.environ.get("DVC_STAGE") else "tokenline run"
+    return "dvc repro" if os.environ.get(DVC_RUNNING) else "tokenline run"

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # Set by `dvc repro` for the commands it runs: DVC writes that stage's lock entry itself.
 DVC_RUNNING = "DVC_STAGE"
+PARAMS_DIFFER = "this run's params differ"
 
 
 def dvc_stage_name(stage: Stage, dataset: str | None) -> str:
@@ -52,7 +53,7 @@ def lock_skip_reason(stage: Stage, params: Params, dataset: str | None, root: Pa
         return f"params.yaml does not load: {error}"
     keys = params_keys(stage)
     if as_dvc_runs_it.slice_hash(keys, dataset) != params.slice_hash(keys, dataset):
-        return (f"this run's params (profile {params.profile!r} or --set values) differ from what "
+        return (f"{PARAMS_DIFFER} (profile {params.profile!r} or --set values) from what "
                 f"`dvc repro` would use (profile {as_dvc_runs_it.profile!r})")
     return None
 
@@ -66,9 +67,9 @@ def record_in_dvc_lock(stage: Stage, params: Params, dataset: str | None, root: 
     name = dvc_stage_name(stage, dataset)
     reason = lock_skip_reason(stage, params, dataset, root)
     if reason is not None:
-        log.debug("dvc.lock not updated for %s: %s", name, reason)
-        if reason.startswith("this run's params"):
-            log.info("dvc.lock not updated for %s: %s", name, reason)
+        # Only a deliberate other-params run is worth a line; "not a DVC project" is the normal case in scratch roots.
+        log.log(logging.INFO if reason.startswith(PARAMS_DIFFER) else logging.DEBUG,
+                "dvc.lock not updated for %s: %s", name, reason)
         return False
     from dvc.exceptions import DvcException
     from dvc.repo import Repo

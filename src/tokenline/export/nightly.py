@@ -68,11 +68,11 @@ def regressions(today: dict[str, float], before: dict[str, float], max_regressio
 def eval_inputs(root: Path, dataset: str) -> tuple[Path, Path]:
     """The dataset's current shards and captions, verified against their manifests."""
     folders = []
-    for output, stage in (("shards", "shards"), ("captions", "captions")):
+    for output in ("shards", "captions"):  # each made by the stage of the same name
         folder = output_path(root, dataset, output)
         manifest = read_manifest(folder)
         if manifest is None:
-            raise NightlyInputError(f"nightly eval of {dataset} needs {folder}: run `tokenline run {stage} --dataset {dataset}` first")
+            raise NightlyInputError(f"nightly eval of {dataset} needs {folder}: run `tokenline run {output} --dataset {dataset}` first")
         verify_output(folder, manifest)
         folders.append(folder)
     return folders[0], folders[1]
