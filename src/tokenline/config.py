@@ -183,7 +183,7 @@ class ReconEvalParams(Section):
 class SamplingParams(Section):
     """How generators sample: the sampler family, its steps, guidance and temperature."""
 
-    sampler: Literal["euler", "heun", "euler_maruyama", "time_shift"] = "euler"  # flow generators
+    sampler: Literal["euler", "heun", "euler_maruyama", "time_shift", "consistency"] = "euler"  # flow generators
     steps: int = Field(25, ge=1, le=1000)  # flow: integration steps; masked: decoding rounds
     guidance: float = Field(1.0, ge=0.0)  # classifier-free guidance scale; 1: conditional only
     guidance_interval: tuple[float, float] | None = None  # flow: guide only while t is in (low, high]
@@ -210,6 +210,40 @@ class GeneratorParams(Section):
         return only_keys("generator.model", value, {"width", "depth", "heads", "mlp_ratio", "text_refiner"})
 
 
+class ReflowParams(Section):
+    """`student.method: reflow`: 2-rectified flow on teacher pairs (rfpp's recipe), then one-step distillation at t = 1."""
+
+    time_a: float = Field(4.0, ge=0.0)  # U-shaped timesteps: p(t) ∝ e^{a t} + e^{a (1 - t)} (rfpp: a = 4); 0: uniform
+    distill_share: float = Field(0.3, ge=0.0, lt=1.0)  # the last share of student.train.steps trains at t = 1 only (reflow_distill)
+
+
+class ConsistencyParams(Section):
+    """`student.method: consistency`: consistency distillation from the teacher's ODE with iCT's schedule and loss."""
+
+    p_mean: float = -1.1  # lognormal noise levels (iCT), over the discretized sigmas
+    p_std: float = Field(2.0, gt=0.0)
+    sigma_min: float = Field(0.002, gt=0.0)  # EDM noise levels, mapped to flow time t = sigma / (1 + sigma)
+    sigma_max: float = Field(80.0, gt=0.0)
+    rho: float = Field(7.0, gt=0.0)
+    s0: int = Field(10, ge=1)  # curriculum N(k) = min(s0 * 2^floor(k / K'), s1) + 1
+    s1: int = Field(1280, ge=1)
+
+
+class StudentParams(Section):
+    """The distilled student (stage `student`): the method, its sampling steps, and how it trains from the teacher."""
+
+    method: Literal["auto", "reflow", "consistency", "mask_distill"] = "auto"  # auto: reflow for a flow generator, mask_distill for a masked one
+    steps: int = Field(1, ge=1, le=64)  # the student's sampling steps (flow) or decoding rounds (masked)
+    teacher_steps: int | None = Field(None, ge=1, le=1000)  # the teacher's steps for pairs and ODE targets (null: generator.sample.steps)
+    guidance: float | None = Field(None, ge=0.0)  # the teacher's CFG scale the student learns (null: generator.sample.guidance)
+    pairs: int = Field(2000, ge=1)  # reflow, mask_distill: teacher samples in the pair cache
+    huber_c: float = Field(0.00054, gt=0.0)  # pseudo-Huber c = huber_c * sqrt(tokens * width) (iCT, rfpp)
+    eval_steps: list[Annotated[StrictInt, Field(ge=1, le=64)]] = [1, 2, 4]  # student_eval: FID vs the student's steps
+    train: GeneratorTrainConfig = GeneratorTrainConfig(steps=1000, lr=1e-4, warmup_steps=50, caption_dropout=0.0)
+    reflow: ReflowParams = ReflowParams()
+    consistency: ConsistencyParams = ConsistencyParams()
+
+
 class ProbeParams(Section):
     """The text-alignment probe (LiT, text side locked): image tower size and training."""
 
@@ -232,7 +266,7 @@ class GenEvalParams(Section):
     probe_group: int = Field(100, ge=2)  # R@1 among this many captions
     steps_sweep: list[Annotated[StrictInt, Field(ge=1, le=1000)]] = [1, 4, 8, 25]  # FID and ms/image vs sampling steps
     guidance_sweep: list[Annotated[float, Field(ge=0.0, allow_inf_nan=False)]] = [1.0, 3.0]  # FID vs guidance scale
-    samplers: list[Literal["euler", "heun", "euler_maruyama", "time_shift"]] = ["euler", "heun", "euler_maruyama", "time_shift"]
+    samplers: list[Literal["euler", "heun", "euler_maruyama", "time_shift", "consistency"]] = ["euler", "heun", "euler_maruyama", "time_shift"]
     max_fid: float = Field(300.0, gt=0)  # Dagster check: FID at most this
     grid_images: int = Field(16, ge=1, le=256)  # eval captions drawn in the report's sample grid
     prompt_sets: dict[str, list[str]] = {}  # further named prompt sets drawn for the report's sample grids
@@ -317,6 +351,7 @@ class Params(Section):
     tokens: TokensParams = TokensParams()
     recon_eval: ReconEvalParams = ReconEvalParams()
     generator: GeneratorParams = GeneratorParams()
+    student: StudentParams = StudentParams()
     probe: ProbeParams = ProbeParams()
     gen_eval: GenEvalParams = GenEvalParams()
     export: ExportParams = ExportParams()

@@ -7,6 +7,7 @@ entry plus, for a new area, one line below. The order is the lineage's (topologi
 from __future__ import annotations
 
 from tokenline.data import stages as data_stages
+from tokenline.distill import stages as distill_stages
 from tokenline.eval import stages as eval_stages
 from tokenline.export import stages as export_stages
 from tokenline.generator import stages as generator_stages
@@ -19,7 +20,10 @@ STAGES: list[Stage] = [
     *tokenizer_stages.STAGES,
     *eval_stages.TOKENIZER_EVAL_STAGES,
     *generator_stages.STAGES,
+    *distill_stages.STAGES,
     *eval_stages.STAGES,
+    *distill_stages.EVAL_STAGES,
+    *eval_stages.REPORT_STAGES,
     *export_stages.STAGES,
 ]
 

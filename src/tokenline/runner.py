@@ -22,6 +22,7 @@ from tokenline.config import ConfigError, Params
 from tokenline.contact_sheet import contact_sheet, png_bytes
 from tokenline.dagster_events import report_runless
 from tokenline.dvc_lock import record_in_dvc_lock
+from tokenline.distill.teacher import check_student_params
 from tokenline.generator.spec import check_generator_params
 from tokenline.layout import (
     html_relpath,
@@ -50,6 +51,7 @@ def check_params(params: Params) -> None:
         tokenizer_config_values(params, text_dim=0, check=True)
         check_two_stage_params(params)
         check_generator_params(params)
+        check_student_params(params)
     except ValueError as error:
         raise ConfigError(f"invalid params: {error}") from None
 

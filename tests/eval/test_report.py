@@ -9,7 +9,7 @@ import re
 from PIL import Image
 
 from tokenline.contact_sheet import png_bytes
-from tokenline.eval.report import DatasetSection, render_report, report_row, table_columns
+from tokenline.eval.report import DatasetSection, nfe_series, render_report, report_row, table_columns
 
 
 def _gen_eval(fid: float, **extra) -> dict:
@@ -18,7 +18,8 @@ def _gen_eval(fid: float, **extra) -> dict:
         "generator": "models/a/generator", "generator_hash": "g" * 64,
         "tokenizer": "models/a/tokenizer", "tokenizer_hash": "t" * 64,
         "protocol": {"objective": "flow", "sampler": "euler", "steps": 8, "guidance": 1.0, "samples": 300},
-        "sweeps": {"steps": [{"steps": 1, "fid": fid + 10, "ms_per_image": 2.0}, {"steps": 8, "fid": fid, "ms_per_image": 12.5}],
+        "sweeps": {"steps": [{"steps": 1, "fid": fid + 10, "ms_per_image": 2.0, "nfe": 1},
+                             {"steps": 8, "fid": fid, "ms_per_image": 12.5, "nfe": 8}],
                    "guidance": [{"guidance": 1.0, "fid": fid}], "samplers": []},
         **extra,
     }
@@ -54,7 +55,8 @@ def test_page_is_self_contained_and_escapes_prompts():
     ]
     html = render_report(sections, "T & co", "cpu", "abc123")
     assert "<script>" not in html and "&lt;script&gt;" in html and "T &amp; co" in html
-    assert html.count("<svg") == 3 and "no data" not in html
+    # FID, ms/image vs steps, FID vs guidance, FID vs NFE (here the teachers' steps sweeps alone).
+    assert html.count("<svg") == 4 and "no data" not in html
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     assert len(images) == 2
     decoded = Image.open(io.BytesIO(base64.b64decode(images[0])))
@@ -73,6 +75,18 @@ def test_the_metrics_come_in_two_tables_narrow_enough_for_a_laptop_window():
     assert "FID" in tables[1] and "tokenizer PSNR" in tables[0]
 
 
+def test_a_student_sits_beside_its_teacher_in_a_third_narrow_table():
+    student = {"method": "reflow", "steps": 1, "nfe": 1, "teacher_nfe": 50, "speedup": 41.5, "fid": 60.0,
+               "teacher_fid": 50.0, "probe_r1": 0.4, "shapes_color_acc": 0.8, "teacher_shapes_color_acc": 0.82,
+               "sweep": [{"steps": 1, "nfe": 1, "fid": 60.0}, {"steps": 2, "nfe": 2, "fid": 55.0}]}
+    html = render_report([DatasetSection("a", _gen_eval(50.0), {"rfid": 80.0}, student_eval=student)], "t", "tiny", "abc")
+    tables = re.findall(r"<table>.*?</table>", html, re.S)
+    assert len(tables) == 3 and all(table.count("<th>") <= 10 for table in tables)
+    assert "reflow · 1 steps" in tables[2] and "<td>41.5</td>" in tables[2] and "<td>50</td>" in tables[2]
+    series = nfe_series([DatasetSection("a", _gen_eval(50.0), {}, student_eval=student)])
+    assert series["a student (reflow)"] == student["sweep"] and "a teacher" in series  # the FID vs NFE plot's lines
+
+
 def test_real_images_and_reconstructions_sit_beside_the_generated_ones():
     section = DatasetSection("a", _gen_eval(50.0), {}, {"everyday": [{"prompt": "a cat", "png": _png("blue")}]},
                              reconstructions=_png("green"))
@@ -85,4 +99,4 @@ def test_a_plot_without_points_says_so():
     gen = _gen_eval(50.0)
     gen["sweeps"]["guidance"] = []
     html = render_report([DatasetSection("a", gen, {})], "t", "tiny", "abc")
-    assert html.count("<svg") == 3 and html.count("no data") == 1
+    assert html.count("<svg") == 4 and html.count("no data") == 1

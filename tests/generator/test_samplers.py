@@ -346,7 +346,7 @@ def test_wide_noise_keeps_its_precision():
 
 
 def test_build_sampler_by_name_with_options():
-    assert set(SAMPLERS) == {"euler", "heun", "euler_maruyama", "time_shift"}
+    assert set(SAMPLERS) == {"euler", "heun", "euler_maruyama", "time_shift", "consistency"}
     for name, cls in SAMPLERS.items():
         built = build_sampler(name)
         assert type(built) is cls and built.name == name

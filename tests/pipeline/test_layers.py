@@ -20,7 +20,7 @@ LAYERS = {
     "runner": 8, "dvc_yaml": 8, "dvc_lock": 8, "dagster_events": 8,
     "pipeline": 7,
     "export": 6, "distill": 5, "eval": 4, "generator": 3, "tokenizer": 2, "data": 1, "text": 1,
-    "stage": 0, "layout": 0, "config": 0, "params_loading": 0, "artifacts": 0, "training": 0, "train_config": 0, "tracking": 0,
+    "stage": 0, "layout": 0, "config": 0, "params_loading": 0, "artifacts": 0, "training": 0, "training_loop": 0, "train_config": 0, "tracking": 0,
     "locks": 0, "threads": 0, "prompts": 0, "precision": 0, "model_checkpoint": 0, "contact_sheet": 0, "": 0,
 }
 

@@ -42,6 +42,19 @@ QUALITY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("shapes position", "shapes_position_acc"),
 )
 COLUMNS = LINEAGE_COLUMNS + QUALITY_COLUMNS[1:]  # every key of a row, in table order
+# The distilled student beside its teacher (student_eval's figures), one row per dataset.
+STUDENT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("dataset", "dataset"),
+    ("student", "student"),
+    ("NFE", "nfe"),
+    ("teacher NFE", "teacher_nfe"),
+    ("speedup", "speedup"),
+    ("FID ↓", "fid"),
+    ("teacher FID", "teacher_fid"),
+    ("probe R@1", "probe_r1"),
+    ("shapes color", "shapes_color_acc"),
+    ("teacher shapes color", "teacher_shapes_color_acc"),
+)
 
 # (title, sweep in gen_eval's report, x field, y field) of each plot.
 PLOTS: tuple[tuple[str, str, str, str], ...] = (
@@ -62,6 +75,26 @@ class DatasetSection:
     recon_eval: dict
     prompt_sets: dict[str, list[dict]] = field(default_factory=dict)  # set -> [{prompt, png (bytes)}]
     reconstructions: bytes | None = None  # recon_eval's grid: real val images above their reconstructions (PNG)
+    student_eval: dict | None = None  # the distilled student's figures beside its teacher's
+
+
+def student_row(section: DatasetSection) -> dict:
+    """The students-table row of one dataset (empty without a student)."""
+    figures = section.student_eval or {}
+    row = {key: figures[key] for _, key in STUDENT_COLUMNS if key in figures}
+    if not row:
+        return {}
+    return {**row, "dataset": section.name, "student": f"{figures.get('method')} · {figures.get('steps')} steps"}
+
+
+def nfe_series(sections: list[DatasetSection]) -> dict[str, list[dict]]:
+    """FID against network evaluations: each teacher's steps sweep and each student's, one line each."""
+    series = {}
+    for section in sections:
+        series[f"{section.name} teacher"] = section.gen_eval.get("sweeps", {}).get("steps", [])
+        if section.student_eval:
+            series[f"{section.name} student ({section.student_eval.get('method')})"] = section.student_eval.get("sweep", [])
+    return series
 
 
 def _checkpoint(path: str, content_hash: str) -> str:
@@ -122,7 +155,7 @@ def sweep_plot_svg(title: str, series: dict[str, list[dict]], x: str, y: str) ->
             drawn = True
     if not drawn:
         axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes)
-    if x == "steps":
+    if x in ("steps", "nfe"):
         axes.set_xscale("log")  # steps sweeps span 1 to hundreds
     axes.set_title(title)
     axes.set_xlabel(x.replace("_", " "))
@@ -160,9 +193,9 @@ dl { font-size: 0.8em; } dt { font-weight: bold; }
 <h1>{{ title }}</h1>
 <p>Profile <code>{{ profile }}</code>, git commit <code>{{ commit }}</code>, datasets: {{ datasets | join(", ") }}.</p>
 <h2>Metrics</h2>
-{% for caption, columns in tables %}<table><caption>{{ caption }}</caption>
+{% for caption, columns, table_rows in tables %}<table><caption>{{ caption }}</caption>
 <tr>{% for title, key in columns %}<th>{{ title }}</th>{% endfor %}</tr>
-{% for row in rows %}<tr>{% for title, key in columns %}<td>{{ format_cell(row.get(key, "")) }}</td>{% endfor %}</tr>
+{% for row in table_rows %}<tr>{% for title, key in columns %}<td>{{ format_cell(row.get(key, "")) }}</td>{% endfor %}</tr>
 {% endfor %}</table>
 {% endfor %}
 <h2>Sweeps</h2>
@@ -190,11 +223,15 @@ def render_report(sections: list[DatasetSection], title: str, profile: str, comm
         sweep_plot_svg(plot_title, {s.name: s.gen_eval.get("sweeps", {}).get(sweep, []) for s in sections}, x, y)
         for plot_title, sweep, x, y in PLOTS
     ]
+    plots.append(sweep_plot_svg("FID vs network evaluations (teachers and students)", nfe_series(sections), "nfe", "fid"))
+    students = [row for row in (student_row(section) for section in sections) if row]
+    tables = [("the lineage: checkpoints, sampling, cost", table_columns(rows, LINEAGE_COLUMNS), rows),
+              ("quality and text alignment", table_columns(rows, QUALITY_COLUMNS), rows)]
+    if students:
+        tables.append(("distilled students beside their teachers", table_columns(students, STUDENT_COLUMNS), students))
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return environment.from_string(TEMPLATE).render(
         title=title, profile=profile, commit=commit, datasets=[s.name for s in sections],
-        tables=[("the lineage: checkpoints, sampling, cost", table_columns(rows, LINEAGE_COLUMNS)),
-                ("quality and text alignment", table_columns(rows, QUALITY_COLUMNS))],
-        rows=rows, plots=plots, sections=sections,
+        tables=tables, plots=plots, sections=sections,
         format_cell=format_cell, data_uri=data_uri,
     )

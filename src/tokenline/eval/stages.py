@@ -273,8 +273,15 @@ def report(ctx: StageContext) -> StageResult:
             set_name: [{"prompt": item["prompt"], "png": (folders["gen_eval"] / item["file"]).read_bytes()} for item in items]
             for set_name, items in gen.get("prompt_sets", {}).items()
         }
+        student = json.loads((folders["student_eval"] / METRICS).read_text())
+        for set_name, items in student.get("grids", {}).items():
+            label = (f"student ({student['method']}, {student['steps']} steps)" if set_name == "student"
+                     else "teacher, same prompts and seed")
+            prompt_sets[label] = [{"prompt": item["prompt"], "png": (folders["student_eval"] / item["file"]).read_bytes()}
+                                  for item in items]
         grid = folders["recon_eval"] / RECONSTRUCTIONS
-        sections.append(DatasetSection(name, gen, recon, prompt_sets, grid.read_bytes() if grid.is_file() else None))
+        sections.append(DatasetSection(name, gen, recon, prompt_sets, grid.read_bytes() if grid.is_file() else None,
+                                       student))
     html = render_report(sections, ctx.params.report.title, ctx.params.profile, git_commit(ctx.root) or "unknown")
     rows = [report_row(section) for section in sections]
     atomic_write_json(ctx.outputs["report"] / "summary.json", {"rows": rows})
@@ -382,14 +389,19 @@ STAGES = (
                        "not exported or registered in the same run)", eval_checks.registry_gates, blocking=True),
         ),
     ),
+)
+
+# The cross-dataset report: listed after every per-dataset eval it reads (gen_eval, student_eval).
+REPORT_STAGES = (
     Stage(
         name="report",
         func=report,
         area="eval",
         description="One self-contained HTML report over every active dataset (data/reports/report.html): "
         "sample grids per prompt set, the metrics table naming its tokenizer and generator checkpoints, "
-        "and plots of FID vs steps, FID vs guidance and ms/image vs steps.",
-        inputs=("gen_eval", "recon_eval"),
+        "each student beside its teacher, and plots of FID vs steps, FID vs guidance, ms/image vs steps "
+        "and FID vs NFE.",
+        inputs=("gen_eval", "recon_eval", "student_eval"),
         outputs=("report",),
         params=("report",),
         scope="project",

@@ -55,6 +55,23 @@ def encode_prompts(prompts: list[str], text_encoder, text_tokens: int) -> tuple[
 
 
 @torch.no_grad()
+def flow_endpoint(model: FlowTransformer, text: TextBatch, options: SamplingOptions, drop: Tensor | None = None,
+                  generator: torch.Generator | None = None, noise: Tensor | None = None) -> tuple[Tensor, int]:
+    """(the ODE/SDE endpoint at t = 0 in the flow's standardized space, network evaluations) from `noise` (default: the seed's)."""
+    device = next(model.parameters()).device
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(options.seed)
+    if noise is None:
+        noise = torch.randn(len(text), model.config.num_tokens, model.config.token_dim, generator=generator, device=device)
+    # NFE counts network evaluations: a guided step costs two.
+    conditional = CountingVelocity(lambda x, t: model(x, t, text, drop))
+    unconditional = CountingVelocity(lambda x, t: model(x, t, None))
+    velocity = guided_velocity(conditional, unconditional, options.guidance, options.guidance_interval)
+    result = build_sampler(options.sampler).sample(velocity, noise, options.steps, generator=generator)
+    return result.x, conditional.calls + unconditional.calls
+
+
+@torch.no_grad()
 def sample_tokens(
     model: FlowTransformer | MaskedTransformer, text: TextBatch, options: SamplingOptions,
     empty: Tensor | None = None,
@@ -67,13 +84,8 @@ def sample_tokens(
     generator = torch.Generator(device=device).manual_seed(options.seed)
     batch, c = len(text), model.config
     if isinstance(model, FlowTransformer):
-        noise = torch.randn(batch, c.num_tokens, c.token_dim, generator=generator, device=device)
-        # NFE counts network evaluations: a guided step costs two.
-        conditional = CountingVelocity(lambda x, t: model(x, t, text, drop))
-        unconditional = CountingVelocity(lambda x, t: model(x, t, None))
-        velocity = guided_velocity(conditional, unconditional, options.guidance, options.guidance_interval)
-        result = build_sampler(options.sampler).sample(velocity, noise, options.steps, generator=generator)
-        return model.denormalize(result.x), conditional.calls + unconditional.calls
+        x, calls = flow_endpoint(model, text, options, drop, generator)
+        return model.denormalize(x), calls
     calls = 0
 
     def conditional(codes: Tensor) -> Tensor:

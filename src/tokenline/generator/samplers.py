@@ -1,4 +1,4 @@
-"""Samplers for rectified-flow generators: ODE (Euler, Heun), SDE (Euler-Maruyama), time-shifted Euler.
+"""Samplers for rectified-flow generators: ODE (Euler, Heun), SDE (Euler-Maruyama), time-shifted Euler, consistency.
 
 Convention (rectified flow, the same as diffusers' ``FlowMatchEulerDiscreteScheduler``): time ``t``
 runs over [0, 1], ``t = 1`` is pure noise and ``t = 0`` is data,
@@ -43,6 +43,7 @@ from torch import Tensor
 
 __all__ = [
     "SAMPLERS",
+    "ConsistencySampler",
     "CountingVelocity",
     "EulerMaruyamaSampler",
     "EulerSampler",
@@ -252,6 +253,28 @@ class EulerMaruyamaSampler(Sampler):
         return x + step * score + torch.sqrt(2 * step) * z
 
 
+class ConsistencySampler(Sampler):
+    """Multistep consistency sampling: read x0_hat = x - t v at each grid time, re-noise it to the next one.
+
+    The sampler of distilled students (consistency models, DMD2's few-step generator): from
+    x at time t the model's denoised guess is x0_hat = x - t v, and the next state is
+    (1 - t_next) x0_hat + t_next z with fresh noise z; the last step returns x0_hat. One step is
+    exactly one Euler step from t = 1 (x - v); each further step costs one evaluation and draws
+    fresh noise from `generator`.
+    """
+
+    name = "consistency"
+
+    def _integrate(self, model: _Model, x: Tensor, grid: Tensor, generator: torch.Generator | None) -> Tensor:
+        for t, t_next in pairwise(grid):
+            x0_hat = x - t * model(x, t)
+            if t_next <= 0:
+                return x0_hat
+            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = (1 - t_next) * x0_hat + t_next * z
+        return x
+
+
 class TimeShiftSampler(Sampler):
     """Euler with shifted model times (TS-DPM, Li et al. 2024) against exposure bias.
 
@@ -300,7 +323,7 @@ class TimeShiftSampler(Sampler):
 
 
 SAMPLERS: dict[str, type[Sampler]] = {
-    cls.name: cls for cls in (EulerSampler, HeunSampler, EulerMaruyamaSampler, TimeShiftSampler)
+    cls.name: cls for cls in (EulerSampler, HeunSampler, EulerMaruyamaSampler, TimeShiftSampler, ConsistencySampler)
 }
 
 

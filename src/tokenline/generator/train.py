@@ -12,14 +12,12 @@ whatever the split's length, which DDP needs.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from tokenline.artifacts import atomic_dir
 from tokenline.generator.checkpoint import save_generator
 from tokenline.generator.model import FlowTransformer, MaskedTransformer, TextBatch
 from tokenline.generator.objectives import (
@@ -31,21 +29,9 @@ from tokenline.generator.objectives import (
 from tokenline.generator.swap_pairs import require_partners, swap_partners
 from tokenline.tokenizer.token_cache import TokenCache
 from tokenline.train_config import GeneratorTrainConfig
-from tokenline.precision import step_context
-from tokenline.training import (
-    RunProgress,
-    StepLoop,
-    apply_gradients,
-    begin_training,
-    restore_run,
-    training_summary,
-    write_training_state,
-)
+from tokenline.training_loop import CHECKPOINT, STATE, train_with_loss
 
 __all__ = ["CHECKPOINT", "STATE", "cache_batches", "train_generator"]
-
-STATE = "state"
-CHECKPOINT = "checkpoint"
 
 
 def cache_batches(cache: TokenCache, batch_size: int, seed: int = 0, start: int = 0,
@@ -127,52 +113,17 @@ def train_generator(
     log_fn: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
     """Train `model` on a token cache split; returns steps, final_loss, samples_per_s, wall_time_s."""
-    out_dir = Path(out_dir)
-    state_dir = out_dir / STATE
     swap_term, partners = _check_objective(model, cache, config)
-    run = begin_training(model, state_dir, config, resume, force, "generator")
-    accelerator, begun, ema, optimizer, scheduler = run.accelerator, run.begun, run.ema, run.optimizer, run.scheduler
-    if resume:
-        restore_run(state_dir, ema, optimizer, scheduler, config.lr, config.weight_decay)
 
-    batches = cache_batches(cache, config.batch_size, config.seed, begun.samples_seen,
-                            accelerator.process_index, accelerator.num_processes)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    raw_model = accelerator.unwrap_model(model)
+    def batches_from(start: int, rank: int, world_size: int) -> Iterator[dict[str, Tensor]]:
+        return cache_batches(cache, config.batch_size, config.seed, start, rank, world_size)
 
-    def checkpoint(progress: RunProgress) -> None:
-        if accelerator.is_main_process:
-            write_training_state(state_dir, raw_model, ema, optimizer, scheduler, config, progress)
-            exported = copy.deepcopy(raw_model)
-            ema.copy_to(exported)
-            with atomic_dir(out_dir / CHECKPOINT) as temp:
-                save_generator(exported, temp)
-        accelerator.wait_for_everyone()
+    def loss(model, raw_model, rows: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        device = next(raw_model.parameters()).device
+        text = text_batch(rows, device)
+        # Caption dropout from the global RNG, which the state folder restores on resume.
+        drop = (torch.rand(len(text)) < config.caption_dropout).to(device)
+        return _generator_loss(model, raw_model, rows, text, drop, config, cache, partners, swap_term, device)
 
-    samples_per_step = config.batch_size * accelerator.num_processes
-    loop = StepLoop("generator", config, begun, samples_per_step, checkpoint, state_dir,
-                    show_bar=accelerator.is_local_main_process)
-    with step_context(config, accelerator):  # on CPU with bf16: the fast attention backend
-        while loop.running():
-            rows = next(batches)
-            text = text_batch(rows, accelerator.device)
-            # Caption dropout from the global RNG, which the state folder restores on resume.
-            drop = torch.rand(len(text)) < config.caption_dropout
-            drop = drop.to(accelerator.device)
-            with accelerator.autocast():
-                loss, extra = _generator_loss(model, raw_model, rows, text, drop, config, cache, partners, swap_term,
-                                              accelerator.device)
-            loop.refuse_non_finite(loss)
-            accelerator.backward(loss)
-            lr, grad_norm = apply_gradients(accelerator, model, optimizer, scheduler, config.grad_clip)
-            ema.update(raw_model, loop.step)
-            loop.advance(loss.item(), samples_per_step)
-
-            if log_fn is not None and loop.log_due() and accelerator.is_main_process:
-                metrics = {"loss": loop.progress.loss, "lr": lr} | {name: value.item() for name, value in extra.items()}
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
-                metrics["samples_per_s"] = loop.interval_rate()
-                log_fn(loop.step, metrics)
-            loop.checkpoint_if_due()
-    return training_summary(loop, run, "samples_per_s")
+    return train_with_loss(model, batches_from, loss, out_dir, config, save_generator, "generator",
+                           resume=resume, force=force, log_fn=log_fn)

@@ -1,0 +1,95 @@
+"""The one training loop of the generators and students: batches in, a loss out, everything else shared.
+
+out_dir/state/       everything needed to continue bit for bit (weights, EMA, optimizer, scheduler,
+                     RNG states, step, data position, configs)
+out_dir/checkpoint/  the EMA weights, written by the caller's `save_checkpoint`
+
+A caller gives the batch stream (from any data position and for its rank, so a resumed run picks
+up where it stopped and DDP ranks split one stream) and the loss of a batch at a step; the loop
+does the rest the same way for every model: accelerate, bf16 on CPU, NaN stop, gradient clipping,
+EMA, MLflow metrics and state folders.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Callable, Iterator
+
+from torch import Tensor, nn
+
+from tokenline.artifacts import atomic_dir
+from tokenline.precision import step_context
+from tokenline.training import (
+    RunProgress,
+    StepLoop,
+    apply_gradients,
+    begin_training,
+    restore_run,
+    training_summary,
+    write_training_state,
+)
+
+STATE = "state"
+CHECKPOINT = "checkpoint"
+
+# (first data position, rank, world size) -> batches of rows
+BatchesFrom = Callable[[int, int, int], Iterator[dict[str, Tensor]]]
+# (model as trained, possibly DDP-wrapped; the unwrapped model; batch rows; step about to be taken) -> (loss, extra terms to log)
+LossFn = Callable[[nn.Module, nn.Module, dict[str, Tensor], int], tuple[Tensor, dict[str, Tensor]]]
+
+
+def train_with_loss(
+    model: nn.Module,
+    batches_from: BatchesFrom,
+    loss_fn: LossFn,
+    out_dir: str | Path,
+    config,
+    save_checkpoint: Callable[[nn.Module, Path], object],
+    stage: str,
+    resume: bool = False,
+    force: bool = False,
+    log_fn: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """Train `model` on `batches_from` with `loss_fn`; returns steps, final_loss, samples_per_s, wall_time_s."""
+    out_dir = Path(out_dir)
+    state_dir = out_dir / STATE
+    run = begin_training(model, state_dir, config, resume, force, stage)
+    accelerator, ema, optimizer, scheduler = run.accelerator, run.ema, run.optimizer, run.scheduler
+    if resume:
+        restore_run(state_dir, ema, optimizer, scheduler, config.lr, config.weight_decay)
+    batches = batches_from(run.begun.samples_seen, accelerator.process_index, accelerator.num_processes)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    raw_model = accelerator.unwrap_model(model)
+
+    def checkpoint(progress: RunProgress) -> None:
+        if accelerator.is_main_process:
+            write_training_state(state_dir, raw_model, ema, optimizer, scheduler, config, progress)
+            exported = copy.deepcopy(raw_model)
+            ema.copy_to(exported)
+            with atomic_dir(out_dir / CHECKPOINT) as temp:
+                save_checkpoint(exported, temp)
+        accelerator.wait_for_everyone()
+
+    samples_per_step = config.batch_size * accelerator.num_processes
+    loop = StepLoop(stage, config, run.begun, samples_per_step, checkpoint, state_dir,
+                    show_bar=accelerator.is_local_main_process)
+    with step_context(config, accelerator):  # on CPU with bf16: the fast attention backend
+        while loop.running():
+            rows = next(batches)
+            with accelerator.autocast():
+                loss, extra = loss_fn(model, raw_model, rows, loop.step)
+            loop.refuse_non_finite(loss)
+            accelerator.backward(loss)
+            lr, grad_norm = apply_gradients(accelerator, model, optimizer, scheduler, config.grad_clip)
+            ema.update(raw_model, loop.step)
+            loop.advance(loss.item(), samples_per_step)
+
+            if log_fn is not None and loop.log_due() and accelerator.is_main_process:
+                metrics = {"loss": loop.progress.loss, "lr": lr} | {name: float(value) for name, value in extra.items()}
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+                metrics["samples_per_s"] = loop.interval_rate()
+                log_fn(loop.step, metrics)
+            loop.checkpoint_if_due()
+    return training_summary(loop, run, "samples_per_s")
