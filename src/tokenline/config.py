@@ -229,10 +229,21 @@ class ConsistencyParams(Section):
     s1: int = Field(1280, ge=1)
 
 
+class DmdParams(Section):
+    """`student.method: dmd`: DMD2's distribution matching with a fake-score critic and a GAN head."""
+
+    critic_steps: int = Field(5, ge=1)  # critic updates per student update (two time scales)
+    critic_lr: float | None = Field(None, gt=0.0)  # null: student.train.lr
+    gan_weight: float = Field(3e-3, ge=0.0)  # the student's GAN term softplus(-D(x_t))
+    critic_gan_weight: float = Field(1e-2, ge=0.0)  # the critic's real-vs-fake term
+    min_t: float = Field(0.02, gt=0.0, lt=1.0)  # the noise levels the scores are read at: t uniform in [min_t, max_t]
+    max_t: float = Field(0.98, gt=0.0, le=1.0)
+
+
 class StudentParams(Section):
     """The distilled student (stage `student`): the method, its sampling steps, and how it trains from the teacher."""
 
-    method: Literal["auto", "reflow", "consistency", "mask_distill"] = "auto"  # auto: reflow for a flow generator, mask_distill for a masked one
+    method: Literal["auto", "reflow", "consistency", "dmd", "mask_distill"] = "auto"  # auto: reflow for a flow generator, mask_distill for a masked one
     steps: int = Field(1, ge=1, le=64)  # the student's sampling steps (flow) or decoding rounds (masked)
     teacher_steps: int | None = Field(None, ge=1, le=1000)  # the teacher's steps for pairs and ODE targets (null: generator.sample.steps)
     guidance: float | None = Field(None, ge=0.0)  # the teacher's CFG scale the student learns (null: generator.sample.guidance)
@@ -242,6 +253,7 @@ class StudentParams(Section):
     train: GeneratorTrainConfig = GeneratorTrainConfig(steps=1000, lr=1e-4, warmup_steps=50, caption_dropout=0.0)
     reflow: ReflowParams = ReflowParams()
     consistency: ConsistencyParams = ConsistencyParams()
+    dmd: DmdParams = DmdParams()
 
 
 class ProbeParams(Section):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 from torch import Tensor, nn
 
@@ -39,6 +39,14 @@ BatchesFrom = Callable[[int, int, int], Iterator[dict[str, Tensor]]]
 LossFn = Callable[[nn.Module, nn.Module, dict[str, Tensor], int], tuple[Tensor, dict[str, Tensor]]]
 
 
+class Companion(Protocol):
+    """A second model a loss trains on its own (DMD2's critic): its state joins the loop's state folder."""
+
+    def state_tensors(self) -> dict[str, dict[str, Tensor]]: ...
+    def state_objects(self) -> dict[str, Any]: ...
+    def load(self, state_dir: Path) -> None: ...
+
+
 def train_with_loss(
     model: nn.Module,
     batches_from: BatchesFrom,
@@ -50,21 +58,30 @@ def train_with_loss(
     resume: bool = False,
     force: bool = False,
     log_fn: Callable[[int, dict[str, float]], None] | None = None,
+    companion: Companion | None = None,
 ) -> dict[str, float]:
-    """Train `model` on `batches_from` with `loss_fn`; returns steps, final_loss, samples_per_s, wall_time_s."""
+    """Train `model` on `batches_from` with `loss_fn`; returns steps, final_loss, samples_per_s, wall_time_s.
+
+    A `companion` (built before this call, as its loss needs it) is saved with every state folder
+    and restored on resume, after the RNG states, like the tokenizer's discriminator.
+    """
     out_dir = Path(out_dir)
     state_dir = out_dir / STATE
     run = begin_training(model, state_dir, config, resume, force, stage)
     accelerator, ema, optimizer, scheduler = run.accelerator, run.ema, run.optimizer, run.scheduler
     if resume:
         restore_run(state_dir, ema, optimizer, scheduler, config.lr, config.weight_decay)
+        if companion is not None:
+            companion.load(state_dir)
     batches = batches_from(run.begun.samples_seen, accelerator.process_index, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw_model = accelerator.unwrap_model(model)
 
     def checkpoint(progress: RunProgress) -> None:
         if accelerator.is_main_process:
-            write_training_state(state_dir, raw_model, ema, optimizer, scheduler, config, progress)
+            extra = {} if companion is None else {"extra_tensors": companion.state_tensors(),
+                                                  "extra_objects": companion.state_objects()}
+            write_training_state(state_dir, raw_model, ema, optimizer, scheduler, config, progress, **extra)
             exported = copy.deepcopy(raw_model)
             ema.copy_to(exported)
             with atomic_dir(out_dir / CHECKPOINT) as temp:

@@ -13,6 +13,7 @@ import torch
 from conftest import REPO, run_stage
 from tokenline.config import ConfigError
 from tokenline.distill.checkpoint import load_student
+from tokenline.distill.dmd import distribution_matching_loss, dmd_direction
 from tokenline.distill.methods import RECIPES
 from tokenline.distill.objectives import (
     consistency_function,
@@ -100,6 +101,20 @@ def test_the_consistency_function_is_the_identity_at_time_zero(flow_project):
     assert not torch.equal(consistency_function(teacher.model, x, torch.full((3,), 0.5), text), x)
 
 
+def test_the_dmd_direction_is_zero_where_the_fake_score_is_the_real_one():
+    x = torch.randn(3, 5, 4)
+    x_t, t = 0.5 * x + 0.5 * torch.randn(3, 5, 4), torch.full((3,), 0.5)
+
+    def score(y, s):
+        return torch.tanh(y) * s[:, None, None]
+
+    assert torch.equal(dmd_direction(x, x_t, t, score, score), torch.zeros_like(x))
+    moved = dmd_direction(x, x_t, t, score, lambda y, s: score(y, s) + 0.1)
+    # x0_fake - x0_real = -t * 0.1, over the mean |x - x0_real|: a sample is pushed against the fake score's excess.
+    assert (moved < 0).all()
+    assert torch.allclose(distribution_matching_loss(x, moved), 0.5 * moved.pow(2).mean())
+
+
 def test_one_consistency_step_is_one_euler_step():
     noise = torch.randn(4, 6, 3)
 
@@ -146,26 +161,28 @@ def test_the_discretization_curriculum_doubles_up_to_its_cap():
 def _train(root, method, out, overrides=(), steps=40, log=None, resume=False):
     teacher, cache, params = teacher_of(root, *overrides, f"student.method={method}", f"student.train.steps={steps}",
                                         "student.train.log_every=1", "student.pairs=24", "student.train.lr=1e-3")
-    recipe = RECIPES[method](teacher, params.student, cache, out, resume)
     torch.manual_seed(0)
+    recipe = RECIPES[method](teacher, params.student, cache, out, resume)
     model = student_from_teacher(teacher)
     return train_with_loss(model, recipe.batches_from, recipe.loss, out, params.student.train, save_generator,
-                           "student", resume=resume, log_fn=log)
+                           "student", resume=resume, log_fn=log, companion=recipe.companion)
 
 
-@pytest.mark.parametrize("method", ["reflow", "consistency", "mask_distill"])
+@pytest.mark.parametrize("method", ["reflow", "consistency", "dmd", "mask_distill"])
 def test_each_methods_loss_is_finite_and_falls(method, flow_project, generator_project, tmp_path):
     root, overrides = (generator_project, ()) if method == "mask_distill" else (flow_project, KL)
     losses = []
-    # reflow's last 30 % trains at t = 1 only, another loss: compare within its 2-RF phase.
-    _train(root, method, tmp_path, overrides, log=lambda step, m: losses.append(m["loss"]))
+    # reflow's last 30 % trains at t = 1 only, another loss: compare within its 2-RF phase. DMD2's
+    # student loss follows a moving critic; its critic's flow loss on the student's samples falls.
+    key = "critic_flow_loss" if method == "dmd" else "loss"
+    _train(root, method, tmp_path, overrides, log=lambda step, m: losses.append(m[key]))
     assert all(torch.isfinite(torch.tensor(losses)))
     span = 28 if method == "reflow" else 40
     first, last = sum(losses[:6]) / 6, sum(losses[span - 6 : span]) / 6
     assert last < first, (method, losses)
 
 
-@pytest.mark.parametrize("method", ["reflow", "consistency", "mask_distill"])
+@pytest.mark.parametrize("method", ["reflow", "consistency", "dmd", "mask_distill"])
 def test_resume_is_bit_exact(method, flow_project, generator_project, tmp_path):
     root, overrides = (generator_project, ()) if method == "mask_distill" else (flow_project, KL)
     _train(root, method, tmp_path / "straight", overrides, steps=8)
@@ -177,7 +194,8 @@ def test_resume_is_bit_exact(method, flow_project, generator_project, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _train(root, method, tmp_path / "resumed", overrides, steps=8, log=crash)
     _train(root, method, tmp_path / "resumed", overrides, steps=8, resume=True)
-    for file in ("state/model.safetensors", "state/ema.safetensors", "checkpoint/model.safetensors"):
+    files = ["state/model.safetensors", "state/ema.safetensors", "checkpoint/model.safetensors"]
+    for file in files + (["state/critic.safetensors"] if method == "dmd" else []):
         a = safetensors.torch.load_file(tmp_path / "straight" / file)
         b = safetensors.torch.load_file(tmp_path / "resumed" / file)
         assert all(torch.equal(a[k], b[k]) for k in a), (method, file)

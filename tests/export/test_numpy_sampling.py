@@ -30,6 +30,20 @@ def test_flow_loop_matches_the_torch_sampler(sampler):
     np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-5)
 
 
+def test_multistep_consistency_sampling_re_noises_from_each_images_stream():
+    """A student's sampler: one step is Euler's; two steps re-noise with the image's own stream, batch-independent."""
+    noise = numpy_sampling.initial_noise(numpy_sampling.image_streams(0, 0, 3), 5, 4)
+    one = numpy_sampling.sample_flow(_velocity, noise, 1, "consistency")
+    np.testing.assert_allclose(one, numpy_sampling.sample_flow(_velocity, noise, 1, "euler"), atol=1e-6)
+    streams = numpy_sampling.image_streams(0, 0, 3)
+    whole = numpy_sampling.sample_flow(_velocity, numpy_sampling.initial_noise(streams, 5, 4), 2, "consistency", streams)
+    tail_streams = numpy_sampling.image_streams(0, 2, 1)
+    tail = numpy_sampling.sample_flow(_velocity, numpy_sampling.initial_noise(tail_streams, 5, 4), 2, "consistency",
+                                      tail_streams)
+    np.testing.assert_allclose(whole[2:], tail, atol=1e-6)
+    assert not np.allclose(whole, one)
+
+
 def test_an_images_noise_does_not_depend_on_its_batch():
     whole = numpy_sampling.initial_noise(numpy_sampling.image_streams(7, 0, 5), 4, 3)
     tail = numpy_sampling.initial_noise(numpy_sampling.image_streams(7, 3, 2), 4, 3)
@@ -69,7 +83,7 @@ def test_masked_decoding_follows_the_logits():
 def test_bad_steps_and_samplers_are_refused():
     with pytest.raises(ValueError, match="steps"):
         numpy_sampling.time_grid(0)
-    with pytest.raises(ValueError, match="euler or heun"):
+    with pytest.raises(ValueError, match="euler, heun, consistency"):
         numpy_sampling.sample_flow(_velocity, np.zeros((1, 2, 2), np.float32), 2, "time_shift")
     with pytest.raises(ValueError, match="temperature"):
         numpy_sampling.decode_masked(_logits, numpy_sampling.image_streams(0, 0, 1), 3, 11, 2, temperature=0)

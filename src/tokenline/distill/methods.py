@@ -4,6 +4,7 @@
 |--------------|---------|---------------------------------------------|--------------|
 | reflow       | flow    | the pair cache (noise, teacher ODE endpoint)| euler        |
 | consistency  | flow    | the token cache, teacher ODE steps as targets| consistency |
+| dmd          | flow    | the token cache (GAN reals); a critic       | consistency  |
 | mask_distill | masked  | the pair cache (the teacher's decoded codes)| rounds       |
 
 Every student starts from the teacher's weights and learns the teacher's guided (CFG) outputs,
@@ -17,9 +18,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from tokenline.config import StudentParams
+from tokenline.distill.dmd import (
+    CriticTrainer,
+    distribution_matching_loss,
+    dmd_direction,
+    noised,
+    simulated_input,
+    student_sample,
+)
 from tokenline.distill.objectives import (
     consistency_distillation_loss,
     curriculum_levels,
@@ -36,7 +46,7 @@ from tokenline.distill.teacher import Teacher
 from tokenline.generator.samplers import guided_velocity
 from tokenline.generator.train import cache_batches, text_batch
 from tokenline.tokenizer.token_cache import TokenCache
-from tokenline.training_loop import BatchesFrom, LossFn
+from tokenline.training_loop import BatchesFrom, Companion, LossFn
 
 PAIRS = "pairs"  # the pair cache's folder inside the student's work folder
 
@@ -50,6 +60,7 @@ class Recipe:
     sampler: str
     settings: dict[str, Any] = field(default_factory=dict)
     pairs: dict[str, Tensor] | None = None  # the pair cache, for methods that draw one
+    companion: Companion | None = None  # a second model the loss trains (DMD2's critic)
 
 
 def _dropped(rows: dict[str, Tensor], share: float) -> Tensor | None:
@@ -115,6 +126,37 @@ def mask_distill(teacher: Teacher, p: StudentParams, cache: TokenCache, work: Pa
                   teacher.sampling.sampler, {"pairs": p.pairs}, pairs)
 
 
+def dmd(teacher: Teacher, p: StudentParams, cache: TokenCache, work: Path, resume: bool) -> Recipe:
+    """DMD2: the teacher's guided score as real, a critic trained on the student's samples as fake, a GAN head; no regression."""
+    d = p.dmd
+    trainer = CriticTrainer(teacher.model, d.critic_lr or p.train.lr, d.critic_gan_weight, (d.min_t, d.max_t))
+    guidance = teacher.sampling.guidance
+
+    def loss(model, raw_model, rows: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        text = text_batch(rows)
+        real = raw_model.normalize(rows["latents"])
+        for _ in range(d.critic_steps):
+            x, t = simulated_input(raw_model, torch.randn_like(real), text, p.steps)
+            with torch.no_grad():
+                fake = student_sample(raw_model, x, t, text)
+            terms = trainer.update(fake, real, text)
+        x, t = simulated_input(raw_model, torch.randn_like(real), text, p.steps)
+        sample = student_sample(model, x, t, text)
+        x_t, time, _ = noised(sample, d.min_t, d.max_t)
+
+        def real_velocity(x: Tensor, t: Tensor) -> Tensor:
+            return guided_velocity(lambda y, s: teacher.model(y, s, text), lambda y, s: teacher.model(y, s, None),
+                                   guidance)(x, t)
+
+        direction = dmd_direction(sample, x_t, time, real_velocity, lambda y, s: trainer.critic.velocity(y, s, text))
+        matching = distribution_matching_loss(sample, direction)
+        gan = F.softplus(-trainer.critic.logits(x_t, time, text)).mean()
+        return matching + d.gan_weight * gan, {"dm_loss": matching.detach(), "gan_loss": gan.detach(), **terms}
+
+    return Recipe(lambda start, rank, world: cache_batches(cache, p.train.batch_size, p.train.seed, start, rank, world),
+                  loss, "consistency", {**d.model_dump(), "steps": p.steps}, companion=trainer)
+
+
 RECIPES: dict[str, Callable[[Teacher, StudentParams, TokenCache, Path, bool], Recipe]] = {
-    "reflow": reflow, "consistency": consistency, "mask_distill": mask_distill,
+    "reflow": reflow, "consistency": consistency, "dmd": dmd, "mask_distill": mask_distill,
 }

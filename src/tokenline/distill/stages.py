@@ -58,11 +58,12 @@ def student(ctx: StageContext) -> StageResult:
     teacher = load_teacher(ctx.inputs["generator"], tokenizer_dir, ctx.params)
     cache = TokenCache(ctx.inputs["tokens"], "train", expect_tokenizer_hash=tokenizer_hash)
     work = work_path(ctx.root, ctx.dataset, "student")
+    seed_everything(p.train.seed)  # a method's own modules (DMD2's critic head) draw their initial weights here
     recipe = RECIPES[teacher.method](teacher, p, cache, work, ctx.resume)
-    seed_everything(p.train.seed)
     model = student_from_teacher(teacher)
     summary = train_with_loss(model, recipe.batches_from, recipe.loss, work, p.train, save_generator, "student",
-                              resume=ctx.resume, force=ctx.force, log_fn=ctx.tracker.log_metrics)
+                              resume=ctx.resume, force=ctx.force, log_fn=ctx.tracker.log_metrics,
+                              companion=recipe.companion)
 
     out = ctx.outputs["student"]
     for file in sorted((work / CHECKPOINT).iterdir()):
@@ -143,8 +144,8 @@ STAGES = (
         name="student",
         func=student,
         area="distill",
-        description="Distill the generator into a one- or few-step student (student.method: reflow or "
-        "consistency for a flow generator, mask_distill for a masked one); a generator checkpoint "
+        description="Distill the generator into a one- or few-step student (student.method: reflow, "
+        "consistency or dmd for a flow generator, mask_distill for a masked one); a generator checkpoint "
         "plus student.json in models/<dataset>/student, sample grid at the student's steps.",
         inputs=("generator", "tokenizer", "tokens"),
         outputs=("student",),

@@ -13,7 +13,7 @@ from tokenline.generator.model import FlowTransformer, MaskedTransformer
 from tokenline.generator.spec import objective_for
 
 # Which methods distill which generator objective; `auto` takes the first.
-METHODS_BY_OBJECTIVE = {"flow": ("reflow", "consistency"), "masked": ("mask_distill",)}
+METHODS_BY_OBJECTIVE = {"flow": ("reflow", "consistency", "dmd"), "masked": ("mask_distill",)}
 
 
 @dataclass

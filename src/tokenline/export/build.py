@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from tokenline.artifacts import atomic_write_json, hash_file
+from tokenline.export.numpy_sampling import FLOW_SAMPLERS
 from tokenline.export.graphs import DecoderGraph, GuidedFlowGraph, GuidedMaskedGraph, TextEncoderGraph
 from tokenline.export.onnx_export import export_graph
 from tokenline.export.runtime import GRAPH_FILES, PIPELINE_FILE, TOKENIZER_FILE, OnnxPipeline
@@ -31,8 +32,8 @@ EXAMPLE_BATCH = 2  # traced batch; 0 and 1 would be specialised by the exporter
 def _check_exportable(generator, sampling: SamplingOptions, encoder: TextEncoder) -> None:
     if not isinstance(encoder, MiniLMEncoder):
         raise ValueError(f"the export covers the minilm text encoder, not {encoder.name!r}")
-    if isinstance(generator, FlowTransformer) and sampling.sampler not in ("euler", "heun"):
-        raise ValueError(f"the exported pipeline samples with euler or heun, not {sampling.sampler!r}: "
+    if isinstance(generator, FlowTransformer) and sampling.sampler not in FLOW_SAMPLERS:
+        raise ValueError(f"the exported pipeline samples with {', '.join(FLOW_SAMPLERS)}, not {sampling.sampler!r}: "
                          "set generator.sample.sampler")
     if sampling.guidance_interval is not None:
         raise ValueError("the exported pipeline guides every step; generator.sample.guidance_interval must be null")

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-FLOW_SAMPLERS = ("euler", "heun")
+FLOW_SAMPLERS = ("euler", "heun", "consistency")
 CHOICE_TEMPERATURE = 4.5  # MaskGIT's annealed Gumbel scale on the confidences (as masked_decoding)
 
 VelocityFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (x [B, K, D], t [B]) -> v
@@ -44,16 +44,29 @@ def time_grid(steps: int) -> np.ndarray:
     return np.linspace(1.0, 0.0, steps + 1, dtype=np.float64).astype(np.float32)
 
 
-def sample_flow(velocity: VelocityFn, noise: np.ndarray, steps: int, sampler: str = "euler") -> np.ndarray:
-    """Integrate dx/dt = v from noise at t = 1 to t = 0; returns x [B, K, D] float32."""
+def sample_flow(velocity: VelocityFn, noise: np.ndarray, steps: int, sampler: str = "euler",
+                streams: list[np.random.Generator] | None = None) -> np.ndarray:
+    """Integrate dx/dt = v from noise at t = 1 to t = 0; returns x [B, K, D] float32.
+
+    `consistency` (a distilled student's sampler) reads x0 = x - t v at each grid time and re-noises
+    it to the next with fresh noise from each image's stream.
+    """
     if sampler not in FLOW_SAMPLERS:
-        raise ValueError(f"the exported pipeline samples with {' or '.join(FLOW_SAMPLERS)}, not {sampler!r}")
+        raise ValueError(f"the exported pipeline samples with {', '.join(FLOW_SAMPLERS)}, not {sampler!r}")
     grid = time_grid(steps)
     x = noise.astype(np.float32)
     batch = x.shape[0]
     for i in range(steps):
         t, t_next = grid[i], grid[i + 1]
         slope = velocity(x, np.full(batch, t, dtype=np.float32))
+        if sampler == "consistency":
+            x = x - t * slope
+            if i < steps - 1:
+                if streams is None:
+                    raise ValueError("multistep consistency sampling draws fresh noise: pass the images' streams")
+                fresh = initial_noise(streams, x.shape[1], x.shape[2])
+                x = ((1 - t_next) * x + t_next * fresh).astype(np.float32)
+            continue
         predicted = x + (t_next - t) * slope
         if sampler == "euler" or i == steps - 1:  # Heun's last step is plain Euler: v is never read at t = 0
             x = predicted

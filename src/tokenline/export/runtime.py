@@ -171,7 +171,7 @@ class OnnxPipeline:
                 return self.backend.step({"x": x, "t": t, **caption, "guidance": scale})
 
             noise = numpy_sampling.initial_noise(streams, g["num_tokens"], g["token_dim"])
-            x = numpy_sampling.sample_flow(velocity, noise, steps, g["sampler"])
+            x = numpy_sampling.sample_flow(velocity, noise, steps, g["sampler"], streams)
             latents = x * np.array(g["latent_std"], np.float32) + np.array(g["latent_mean"], np.float32)
             if g["binary"]:
                 latents = np.where(latents >= 0, 1.0, -1.0).astype(np.float32)

@@ -313,9 +313,13 @@ class FlowTransformer(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, text: TextBatch | None = None, drop: Tensor | None = None) -> Tensor:
         """x [B, K, D] standardized latents at time t [B] -> velocity [B, K, D]."""
+        return self.head(*self.features(x, t, text, drop))
+
+    def features(self, x: Tensor, t: Tensor, text: TextBatch | None = None,
+                 drop: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The backbone's token features [B, K, W] and final condition [B, W] (what the head reads; DMD2's GAN head too)."""
         cond = self.time_mlp(timestep_embedding(t, self.config.width).to(x.dtype))
-        features, cond = self.backbone(self.embed(x), cond, text, drop)
-        return self.head(features, cond)
+        return self.backbone(self.embed(x), cond, text, drop)
 
     def normalize(self, latents: Tensor) -> Tensor:
         """Tokenizer latents -> the standardized space the flow runs in."""
