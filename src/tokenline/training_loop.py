@@ -42,9 +42,14 @@ LossFn = Callable[[nn.Module, nn.Module, dict[str, Tensor], int], tuple[Tensor, 
 class Companion(Protocol):
     """A second model a loss trains on its own (DMD2's critic): its state joins the loop's state folder."""
 
-    def state_tensors(self) -> dict[str, dict[str, Tensor]]: ...
-    def state_objects(self) -> dict[str, Any]: ...
-    def load(self, state_dir: Path) -> None: ...
+    def state_tensors(self) -> dict[str, dict[str, Tensor]]:
+        """File name -> state dict, saved as safetensors."""
+
+    def state_objects(self) -> dict[str, Any]:
+        """File name -> plain state dict (an optimizer's), saved with torch.save and read back weights_only."""
+
+    def load(self, state_dir: Path) -> None:
+        """Restore from a state folder written with the two above."""
 
 
 def train_with_loss(

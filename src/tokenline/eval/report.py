@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import jinja2
 
@@ -167,6 +168,13 @@ def sweep_plot_svg(title: str, series: dict[str, list[dict]], x: str, y: str) ->
     figure.savefig(buffer, format="svg", metadata={"Date": None})  # no timestamp: same data, same bytes
     svg = buffer.getvalue()
     return svg[svg.index("<svg"):]  # drop the XML prolog: the SVG sits inside HTML
+
+
+def read_grids(sets: dict[str, list[dict]], folder: Path, labels: dict[str, str] | None = None) -> dict[str, list[dict]]:
+    """Each prompt set's images read back from `folder` (as gen_eval wrote them), under its label: set -> [{prompt, png}]."""
+    labels = labels or {}
+    return {labels.get(name, name): [{"prompt": item["prompt"], "png": (folder / item["file"]).read_bytes()} for item in items]
+            for name, items in sets.items()}
 
 
 def data_uri(png: bytes) -> str:

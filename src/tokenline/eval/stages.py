@@ -33,8 +33,9 @@ from tokenline.eval.probe import (
     save_probe,
     train_probe,
 )
+from tokenline.eval.probe_previews import retrieval_previews
 from tokenline.eval.reconstruction import evaluate_reconstruction
-from tokenline.eval.report import DatasetSection, render_report, report_row
+from tokenline.eval.report import DatasetSection, read_grids, render_report, report_row
 from tokenline.generator.checkpoint import check_pairing, load_generator
 from tokenline.generator.generate import SamplingOptions, generate_images
 from tokenline.stage import AssetCheck, PlotSpec, Stage, StageContext, StageResult
@@ -101,18 +102,6 @@ def probe(ctx: StageContext) -> StageResult:
                "real_probe_r1": float(scores["probe_r1"])}
     previews = retrieval_previews(model, scored[: ctx.params.tracking.contact_sheet], encoder, ctx.params.data.resolution)
     return StageResult(counts={"images": len(samples), "steps": int(summary["steps"])}, metrics=metrics, samples=previews)
-
-
-@torch.no_grad()
-def retrieval_previews(model, samples: list[dict], encoder, size: int) -> list[tuple]:
-    """(image, the caption the probe ranks first among these samples' captions) for the contact sheet."""
-    if not samples:
-        return []
-    captions = [s["caption"] for s in samples]
-    images = model.encode_images(samples_to_batch(samples, size))
-    texts = model.encode_texts(encoder.encode(captions).pooled.float())
-    best = (images @ texts.T).argmax(dim=1).tolist()
-    return [(s["image"], ("= " if captions[b] == s["caption"] else "≠ ") + captions[b]) for s, b in zip(samples, best)]
 
 
 # --------------------------------------------------------------------------------------
@@ -269,16 +258,11 @@ def report(ctx: StageContext) -> StageResult:
     for name, folders in ctx.dataset_inputs.items():
         gen = json.loads((folders["gen_eval"] / METRICS).read_text())
         recon = json.loads((folders["recon_eval"] / METRICS).read_text())
-        prompt_sets = {
-            set_name: [{"prompt": item["prompt"], "png": (folders["gen_eval"] / item["file"]).read_bytes()} for item in items]
-            for set_name, items in gen.get("prompt_sets", {}).items()
-        }
         student = json.loads((folders["student_eval"] / METRICS).read_text())
-        for set_name, items in student.get("grids", {}).items():
-            label = (f"student ({student['method']}, {student['steps']} steps)" if set_name == "student"
-                     else "teacher, same prompts and seed")
-            prompt_sets[label] = [{"prompt": item["prompt"], "png": (folders["student_eval"] / item["file"]).read_bytes()}
-                                  for item in items]
+        labels = {"student": f"student ({student['method']}, {student['steps']} steps)",
+                  "teacher": "teacher, same prompts and seed"}
+        prompt_sets = read_grids(gen.get("prompt_sets", {}), folders["gen_eval"])
+        prompt_sets |= read_grids(student.get("grids", {}), folders["student_eval"], labels)
         grid = folders["recon_eval"] / RECONSTRUCTIONS
         sections.append(DatasetSection(name, gen, recon, prompt_sets, grid.read_bytes() if grid.is_file() else None,
                                        student))
