@@ -123,21 +123,23 @@ def test_report_is_one_html_file_naming_its_checkpoints(evaluated, tmp_path, mon
     store = f"sqlite:///{tmp_path / 'ml.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     *upstream, outcome = _run_report(project, tracking=True)
-    # gen_eval's chain is fresh; recon_eval (not upstream of gen_eval) runs first.
-    assert {run.stage for run in upstream if not run.skipped} == {"recon_eval"}
+    # gen_eval's chain is fresh; recon_eval and the student's stages (not upstream of gen_eval) run first.
+    assert {run.stage for run in upstream if not run.skipped} == {"recon_eval", "student", "student_eval"}
     assert outcome.stage == "report" and outcome.dataset is None and not outcome.skipped
     html = (project / "data" / "reports" / "report.html").read_text()
     gen = json.loads(report_path(project, "shapes", "gen_eval").read_text())
     assert f"{gen['generator']} @ {gen['generator_hash'][:12]}" in html
     assert f"{gen['tokenizer']} @ {gen['tokenizer_hash'][:12]}" in html
-    assert html.count("<svg") == 3  # FID vs steps, FID vs guidance, ms/image vs steps
+    assert html.count("<svg") == 4  # FID vs steps, FID vs guidance, ms/image vs steps, FID vs NFE
+    student = json.loads(report_path(project, "shapes", "student_eval").read_text())
     images = sum(len(items) for items in gen["prompt_sets"].values())
+    images += sum(len(items) for items in student["grids"].values())  # the student's and its teacher's grids
     assert images == outcome.manifests["report"]["counts"]["images"]
     # Every generated image, plus the dataset's real images above their reconstructions (recon_eval's grid).
     assert html.count('src="data:image/png;base64,') == images + 1 and "their reconstructions" in html
     assert not re.search(r"""(src|href)=["']?https?:""", html)  # self-contained: nothing is fetched
     manifest = read_manifest(project / "data" / "report")
-    assert set(manifest["inputs"]) == {"shapes/gen_eval", "shapes/recon_eval"}
+    assert set(manifest["inputs"]) == {"shapes/gen_eval", "shapes/recon_eval", "shapes/student_eval"}
     artifacts = [a.path for a in MlflowClient(tracking_uri=store).list_artifacts(outcome.mlflow_run_id, "reports")]
     assert artifacts == ["reports/report.html"]
     # Fresh until an input changes.

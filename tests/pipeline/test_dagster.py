@@ -88,7 +88,7 @@ def test_materialize_every_asset_on_tiny(project):
     metadata = event.materialization.metadata
     assert metadata["datasets"].value == "openmoji, shapes" and metadata["count_datasets"].value == 2
     assert metadata["html_report"].value == str(project / "data" / "reports" / "report.html")
-    assert (project / "data" / "reports" / "report.html").read_text().count("<svg") == 3
+    assert (project / "data" / "reports" / "report.html").read_text().count("<svg") == 4  # the three sweeps and FID vs NFE
 
 
 def _free_port() -> int:

@@ -44,7 +44,8 @@ def test_every_stage_is_in_dvc_yaml_with_its_outputs():
     # The report is one stage over params.yaml's active datasets, named one by one.
     report = stages["report"]
     assert "matrix" not in report and report["cmd"] == "tokenline run report --no-upstream --force"
-    assert report["deps"][:4] == ["data/openmoji/gen_eval", "data/openmoji/recon_eval", "data/shapes/gen_eval", "data/shapes/recon_eval"]
+    assert report["deps"][:6] == ["data/openmoji/gen_eval", "data/openmoji/recon_eval", "data/openmoji/student_eval",
+                                  "data/shapes/gen_eval", "data/shapes/recon_eval", "data/shapes/student_eval"]
     assert report["outs"] == ["data/report", {"data/reports/report.html": {"cache": False}}]
 
 
@@ -54,7 +55,8 @@ def test_dvc_yaml_follows_the_active_datasets(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text()) | {"active_datasets": ["shapes"]}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     deps = yaml.safe_load(render_dvc_yaml(tmp_path / "params.yaml"))["stages"]["report"]["deps"]
-    assert [d for d in deps if d.startswith("data/")] == ["data/shapes/gen_eval", "data/shapes/recon_eval"]
+    assert [d for d in deps if d.startswith("data/")] == ["data/shapes/gen_eval", "data/shapes/recon_eval",
+                                                          "data/shapes/student_eval"]
 
 
 def test_closure_is_topological():
