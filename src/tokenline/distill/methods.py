@@ -43,7 +43,6 @@ from tokenline.distill.objectives import (
 )
 from tokenline.distill.pairs import PairSet, ensure_pairs
 from tokenline.distill.teacher import Teacher
-from tokenline.generator.samplers import guided_velocity
 from tokenline.generator.train import cache_batches, text_batch
 from tokenline.tokenizer.token_cache import TokenCache
 from tokenline.training_loop import BatchesFrom, Companion, LossFn
@@ -90,23 +89,15 @@ def consistency(teacher: Teacher, p: StudentParams, cache: TokenCache, work: Pat
     """Consistency distillation: the target is the student's own stop-gradient output one teacher Euler step closer to data."""
     s = p.consistency
     c = huber_scale(p.huber_c, teacher.model)
-    guidance = teacher.sampling.guidance
 
     def loss(model, raw_model, rows: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
         text, drop = text_batch(rows), _dropped(rows, p.train.caption_dropout)
         levels = curriculum_levels(step, p.train.steps, s.s0, s.s1)
         sigmas = karras_sigmas(levels, s.sigma_min, s.sigma_max, s.rho)
         probabilities = lognormal_level_probabilities(sigmas, s.p_mean, s.p_std)
-
-        def conditional(x: Tensor, t: Tensor) -> Tensor:
-            return teacher.model(x, t, text, drop)
-
-        def unconditional(x: Tensor, t: Tensor) -> Tensor:
-            return teacher.model(x, t, None)
-
-        velocity = guided_velocity(conditional, unconditional, guidance)
         x0 = raw_model.normalize(rows["latents"])
-        value = consistency_distillation_loss(model, velocity, x0, text, sigmas, probabilities, c, drop)
+        value = consistency_distillation_loss(model, teacher.velocity(text, drop), x0, text, sigmas, probabilities,
+                                              c, drop)
         return value, {"levels": torch.tensor(float(levels))}
 
     return Recipe(lambda start, rank, world: cache_batches(cache, p.train.batch_size, p.train.seed, start, rank, world), loss, "consistency",
@@ -130,7 +121,6 @@ def dmd(teacher: Teacher, p: StudentParams, cache: TokenCache, work: Path, resum
     """DMD2: the teacher's guided score as real, a critic trained on the student's samples as fake, a GAN head; no regression."""
     d = p.dmd
     trainer = CriticTrainer(teacher.model, d.critic_lr or p.train.lr, d.critic_gan_weight, (d.min_t, d.max_t))
-    guidance = teacher.sampling.guidance
 
     def loss(model, raw_model, rows: dict[str, Tensor], step: int) -> tuple[Tensor, dict[str, Tensor]]:
         text = text_batch(rows)
@@ -143,12 +133,8 @@ def dmd(teacher: Teacher, p: StudentParams, cache: TokenCache, work: Path, resum
         x, t = simulated_input(raw_model, torch.randn_like(real), text, p.steps)
         sample = student_sample(model, x, t, text)
         x_t, time, _ = noised(sample, d.min_t, d.max_t)
-
-        def real_velocity(x: Tensor, t: Tensor) -> Tensor:
-            return guided_velocity(lambda y, s: teacher.model(y, s, text), lambda y, s: teacher.model(y, s, None),
-                                   guidance)(x, t)
-
-        direction = dmd_direction(sample, x_t, time, real_velocity, lambda y, s: trainer.critic.velocity(y, s, text))
+        direction = dmd_direction(sample, x_t, time, teacher.velocity(text),
+                                  lambda y, s: trainer.critic.velocity(y, s, text))
         matching = distribution_matching_loss(sample, direction)
         gan = F.softplus(-trainer.critic.logits(x_t, time, text)).mean()
         return matching + d.gan_weight * gan, {"dm_loss": matching.detach(), "gan_loss": gan.detach(), **terms}

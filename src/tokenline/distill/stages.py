@@ -19,7 +19,6 @@ from tokenline.eval.generation import GenerationMetrics
 from tokenline.eval.stages import METRICS, Subject, reference_samples, save_prompt_sets
 from tokenline.generator.generate import SamplingOptions, generate_images
 from tokenline.generator.model import FlowTransformer, num_params
-from tokenline.generator.samplers import guided_velocity
 from tokenline.generator.stages import preview_prompts
 from tokenline.generator.train import text_batch
 from tokenline.layout import work_path
@@ -41,11 +40,9 @@ def trajectory_straightness(teacher: Teacher, student: FlowTransformer, recipe: 
     count = min(STRAIGHTNESS_SAMPLES, len(pairs["rows"]))
     text = text_batch(cache.rows(pairs["rows"][:count].tolist()))
     noise = pairs["noise"][:count]
-    guided = guided_velocity(lambda x, t: teacher.model(x, t, text), lambda x, t: teacher.model(x, t, None),
-                             teacher.sampling.guidance)
     student.eval()
     steps = teacher.sampling.steps
-    return {"teacher_straightness": straightness(guided, noise, steps),
+    return {"teacher_straightness": straightness(teacher.velocity(text), noise, steps),
             "student_straightness": straightness(lambda x, t: student(x, t, text), noise, steps),
             "straightness_steps": steps, "straightness_samples": count}
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import Tensor
+
 from tokenline.artifacts import read_manifest
 from tokenline.config import Params
 from tokenline.generator.checkpoint import PairingError, check_pairing, load_generator
 from tokenline.generator.generate import SamplingOptions
-from tokenline.generator.model import FlowTransformer, MaskedTransformer
+from tokenline.generator.model import FlowTransformer, MaskedTransformer, TextBatch
+from tokenline.generator.samplers import VelocityFn, guided_velocity
 from tokenline.generator.spec import objective_for
 
 # Which methods distill which generator objective; `auto` takes the first.
@@ -25,6 +28,11 @@ class Teacher:
     content_hash: str
     sampling: SamplingOptions
     method: str  # student.method resolved for this teacher's objective
+
+    def velocity(self, text: TextBatch, drop: Tensor | None = None) -> VelocityFn:
+        """The teacher's velocity for these captions with the guidance its students learn (CFG as at sampling)."""
+        return guided_velocity(lambda x, t: self.model(x, t, text, drop), lambda x, t: self.model(x, t, None),
+                               self.sampling.guidance)
 
 
 def teacher_sampling(params: Params) -> SamplingOptions:
