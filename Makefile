@@ -24,6 +24,7 @@ demo: $(STAMP)
 	@echo "Nightly: $(BIN)/tokenline nightly   (re-evaluates each production model: data/reports/nightly/<date>/)"
 	@echo "Report:  $(CURDIR)/data/reports/report.html"
 	@echo "Try it:  $(BIN)/tokenline generate --model models:/tokenline-openmoji@production --prompt 'a red heart' --n 4 --out out/"
+	@echo "         $(BIN)/tokenline generate --model models:/tokenline-openmoji-student@production --prompt 'a red heart' --n 4 --out out-student/   (the one-step student)"
 	@echo "Serve:   PATH=$(CURDIR)/$(BIN):\$$PATH MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlruns.db mlflow models serve -m models:/tokenline-openmoji@production --env-manager local -h 127.0.0.1 -p 5000"
 	@echo "         curl -s -X POST http://127.0.0.1:5000/invocations -H 'Content-Type: application/json' -d '{\"inputs\": [\"a red heart\"]}'"
 

@@ -43,7 +43,7 @@ from tokenline.layout import output_path, report_path
 
 TEACHER_STAGES = ["generator", "gen_eval"]
 STUDENT_STAGES = ["student", "student_eval"]
-OBJECTIVE_OF = {"reflow": "flow", "consistency": "flow", "mask_distill": "masked"}
+OBJECTIVE_OF = {"reflow": "flow", "consistency": "flow", "dmd": "flow", "mask_distill": "masked"}
 
 
 def teacher_rows(root: Path, params, dataset: str, steps: list[int]) -> list[dict]:

@@ -12,8 +12,10 @@ from orchestration.defs.assets import asset_key, project_asset_keys
 from orchestration.defs.nightly import nightly_eval
 from tokenline.pipeline import get_stage
 
-# Shipping a checkpoint: its eval (whose blocking gates check stops a failing model), the export, the registration.
-SHIP_STAGES = ("gen_eval", "export", "registry")
+# Shipping a checkpoint: its eval (whose blocking gates check stops a failing model), the export, the
+# registration. One job per checkpoint, so a new generator ships before its student is distilled.
+SHIP_STAGES = {"ship": ("gen_eval", "export", "registry"),
+               "ship_student": ("student_eval", "student_export", "student_registry")}
 
 PROJECT = AssetSelection.assets(*project_asset_keys())
 
@@ -22,8 +24,18 @@ lineage_job = define_asset_job("lineage", selection=AssetSelection.all() - PROJE
 report_job = define_asset_job("report_all", selection=PROJECT,
                               description="Rebuild the HTML report over every dataset's latest eval.")
 
-ship_job = define_asset_job(
-    "ship", selection=AssetSelection.assets(*(asset_key(output) for name in SHIP_STAGES for output in get_stage(name).outputs)),
-    description="Evaluate, export and register one dataset's generator (the new_checkpoint sensor's job).")
 
-JOBS = [lineage_job, ship_job, report_job, nightly_eval]
+
+def ship_selection(job: str) -> AssetSelection:
+    """The assets a ship job materializes: its stages' outputs."""
+    return AssetSelection.assets(*(asset_key(output) for name in SHIP_STAGES[job] for output in get_stage(name).outputs))
+
+
+ship_job = define_asset_job("ship", selection=ship_selection("ship"),
+                            description="Evaluate, export and register one dataset's generator (the new_checkpoint sensor's job).")
+ship_student_job = define_asset_job(
+    "ship_student", selection=ship_selection("ship_student"),
+    description="Evaluate, export and register one dataset's distilled student (the new_checkpoint sensor's job).")
+SHIP_JOBS = [ship_job, ship_student_job]
+
+JOBS = [lineage_job, *SHIP_JOBS, report_job, nightly_eval]

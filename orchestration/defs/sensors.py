@@ -1,5 +1,5 @@
-"""The sensors: a new generator checkpoint is shipped (evaluated, exported, registered); a failed run logs its
-failed stages and marks them in data/reports/failures.jsonl."""
+"""The sensors: a new generator or student checkpoint is shipped (evaluated, exported, registered); a failed run
+logs its failed stages and marks them in data/reports/failures.jsonl."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from dagster import RunFailureSensorContext, RunRequest, SensorEvaluationContext, SensorResult, SkipReason, \
     run_failure_sensor, sensor
 
-from orchestration.defs.jobs import SHIP_STAGES, ship_job
+from orchestration.defs.jobs import SHIP_JOBS, SHIP_STAGES
 from orchestration.defs.resources import TokenlineResource
 from tokenline.artifacts import DamagedOutputError, read_manifest
 from tokenline.config import Params
@@ -58,21 +58,22 @@ def stage_failure_sensor(context: RunFailureSensorContext, tokenline: TokenlineR
 CHECKPOINT_AREAS = ("generator", "distill")
 
 
-def watched_checkpoints() -> list[str]:
-    """The outputs the new_checkpoint sensor watches (today `generator`)."""
-    return [name for name in get_stage("export").inputs if PRODUCER[name].area in CHECKPOINT_AREAS]
+def watched_checkpoints(job: str = "ship") -> list[str]:
+    """The outputs whose arrival starts `job` (`ship`: the generator; `ship_student`: the student)."""
+    export = next(get_stage(name) for name in SHIP_STAGES[job] if get_stage(name).area == "export")
+    return [name for name in export.inputs if PRODUCER[name].area in CHECKPOINT_AREAS and name in PRODUCER[name].models]
 
 
-def ship_request(params: Params, dataset: str, root: Path) -> RunRequest | str:
-    """A `ship` run for `dataset` when a committed checkpoint is not yet evaluated, exported and registered;
-    otherwise why not (a sentence). The run key names the checkpoints' hashes: each lands once."""
+def ship_request(params: Params, dataset: str, root: Path, job: str = "ship") -> RunRequest | str:
+    """A `job` run for `dataset` when a committed checkpoint is not yet evaluated, exported and registered;
+    otherwise why not (a sentence). The run key names the job and the checkpoints' hashes: each lands once."""
     hashes = []
-    for name in watched_checkpoints():
+    for name in watched_checkpoints(job):
         manifest = read_manifest(output_path(root, dataset, name))
         if manifest is None:
             return f"{dataset}: no {name} checkpoint yet"
         hashes.append(manifest["content_hash"][:12])
-    stages = [get_stage(name) for name in SHIP_STAGES]
+    stages = [get_stage(name) for name in SHIP_STAGES[job]]
     busy = [output for stage in stages for output in stage.outputs if is_locked(output_path(root, dataset, output))]
     if busy:
         return f"{dataset}: a run is writing {', '.join(busy)}"
@@ -82,20 +83,22 @@ def ship_request(params: Params, dataset: str, root: Path) -> RunRequest | str:
         return f"{dataset}: {error}"
     if not stale:
         return f"{dataset}: checkpoint {'/'.join(hashes)} is already shipped"
-    return RunRequest(run_key=f"{dataset}-{'-'.join(hashes)}", partition_key=dataset,
+    return RunRequest(run_key=f"{job}-{dataset}-{'-'.join(hashes)}", partition_key=dataset, job_name=job,
                       tags={"tokenline/reason": f"new checkpoint {'/'.join(hashes)}; stale: {', '.join(stale)}"})
 
 
-@sensor(name="new_checkpoint", job=ship_job, minimum_interval_seconds=60,
-        description="When a new generator (or student) checkpoint lands, by any driver, run gen_eval, export and "
-                    "registry for its dataset (once per checkpoint).")
+@sensor(name="new_checkpoint", jobs=SHIP_JOBS, minimum_interval_seconds=60,
+        description="When a new generator checkpoint lands, by any driver, run gen_eval, export and registry for its "
+                    "dataset (job ship); when a new student lands, student_eval, student_export and student_registry "
+                    "(job ship_student). Once per checkpoint.")
 def new_checkpoint_sensor(context: SensorEvaluationContext, tokenline: TokenlineResource) -> SensorResult | SkipReason:
-    """Ship each dataset whose checkpoint is newer than its registered model."""
+    """Ship each dataset's generator and student whose checkpoint is newer than its registered model."""
     root = Path(tokenline.root)
     requests, reasons = [], []
     for dataset in tokenline.params().active_datasets:
-        decision = ship_request(tokenline.params(dataset), dataset, root)
-        (requests if isinstance(decision, RunRequest) else reasons).append(decision)
+        for job in SHIP_STAGES:
+            decision = ship_request(tokenline.params(dataset), dataset, root, job)
+            (requests if isinstance(decision, RunRequest) else reasons).append(decision)
     if not requests:
         return SkipReason("; ".join(reasons))
     return SensorResult(run_requests=requests)

@@ -15,7 +15,7 @@ from tokenline.params_loading import load_params, project_root
 from tokenline.dvc_yaml import render_dvc_yaml
 from tokenline.export.generation import open_pipeline, resolve_model, write_images
 from tokenline.export.nightly import DAY_PATTERN, evaluate_production, nightly_line
-from tokenline.export.registry import model_name
+from tokenline.export.registry import STUDENT_SUFFIX, model_name
 from tokenline.export.registry import promote as promote_version
 from tokenline.pipeline import STAGES, get_stage
 from tokenline.runner import check_params, run_project, run_with_upstream
@@ -130,18 +130,20 @@ def promote(
     dataset: str = typer.Argument(..., help="the dataset whose model tokenline-<dataset> to promote"),
     version: Optional[int] = typer.Option(None, "--version", help="the version to promote (default: @candidate)"),
     force: bool = typer.Option(False, "--force", help="promote a version whose gates failed"),
+    student: bool = typer.Option(False, "--student", help="promote the distilled student, tokenline-<dataset>-student"),
     params_file: Optional[Path] = typer.Option(None, "--params", help="params file (default: ./params.yaml)"),
 ) -> None:
-    """Point tokenline-<dataset>@production at a registered version (its gates must have passed)."""
+    """Point tokenline-<dataset>@production (or -student@production) at a registered version (its gates must have passed)."""
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
         params = load_params(params_file)
         root = params_file.parent if params_file else project_root()
-        promoted = promote_version(dataset, tracking_uri(params, root), version, force)
+        suffix = STUDENT_SUFFIX if student else ""
+        promoted = promote_version(dataset, tracking_uri(params, root), version, force, suffix)
     except Exception as error:  # noqa: BLE001 - one line a person can act on
         typer.secho(f"error: {one_line(error)}", fg="red", err=True)
         raise typer.Exit(1)
-    typer.echo(f"models:/{model_name(dataset)}@production -> version {promoted}")
+    typer.echo(f"models:/{model_name(dataset, suffix)}@production -> version {promoted}")
 
 
 @app.command()

@@ -240,6 +240,13 @@ class DmdParams(Section):
     max_t: float = Field(0.98, gt=0.0, le=1.0)
 
 
+class StudentWatchParams(Section):
+    """The student's FID along training: its EMA weights sample fixed val prompts and noise every `every` steps."""
+
+    every: int = Field(100, ge=0)  # steps between readings, and one at the end (0: off)
+    samples: int = Field(100, ge=2)  # generated images, scored against as many real ones (val split first)
+
+
 class StudentParams(Section):
     """The distilled student (stage `student`): the method, its sampling steps, and how it trains from the teacher."""
 
@@ -254,6 +261,7 @@ class StudentParams(Section):
     reflow: ReflowParams = ReflowParams()
     consistency: ConsistencyParams = ConsistencyParams()
     dmd: DmdParams = DmdParams()
+    watch: StudentWatchParams = StudentWatchParams()
 
 
 class ProbeParams(Section):

@@ -83,21 +83,25 @@ def render_dvc_yaml(params_file: Path | None = None) -> str:
 
 
 def artifact_entries(datasets: list[str]) -> dict[str, dict]:
-    """dvc.yaml `artifacts:`: each dataset's output of every stage with a `dvc_artifact` type (the ONNX model),
-    so `dvc artifacts get REPO tokenline-<ds>` and the DVC model registry find it."""
+    """dvc.yaml `artifacts:`: each dataset's output of every stage with a `dvc_artifact` type (the generator's
+    and the student's ONNX pipelines), so `dvc artifacts get REPO tokenline-<ds>[-student]` and the DVC model
+    registry find them under the names MLflow registers them by."""
     entries = {}
     for stage in STAGES:
         if stage.dvc_artifact is None:
             continue
+        output = stage.outputs[0]
+        what = output.removesuffix("onnx").strip("_")  # "" for the generator's export, "student" for the student's
+        evaluation = next(name for name in stage.inputs if name.endswith("_eval"))
         for dataset in datasets:
-            output = stage.outputs[0]
-            entries[f"tokenline-{dataset}"] = {
+            name = f"tokenline-{dataset}" + (f"-{what}" if what else "")
+            entries[name] = {
                 "path": output_relpath(dataset, output),
                 "type": stage.dvc_artifact,
-                "desc": f"{dataset}: the exported text-to-image pipeline (ONNX graphs + pipeline.json); "
-                        "runs with numpy and onnxruntime (tokenline.export.runtime)",
-                "labels": ["onnx", "text-to-image", dataset],
+                "desc": f"{dataset}: the exported text-to-image pipeline{f' of the distilled {what}' if what else ''} "
+                        "(ONNX graphs + pipeline.json); runs with numpy and onnxruntime (tokenline.export.runtime)",
+                "labels": ["onnx", "text-to-image", dataset, *([what] if what else [])],
                 "meta": {"dataset": dataset, "stage": stage.name, "figures": f"{output_relpath(dataset, output)}/pipeline.json",
-                         "eval": f"data/reports/{dataset}/gen_eval.json", "mlflow_model": f"tokenline-{dataset}"},
+                         "eval": f"data/reports/{dataset}/{evaluation}.json", "mlflow_model": name},
             }
     return entries

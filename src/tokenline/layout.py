@@ -12,7 +12,7 @@ from pathlib import Path
 
 # The outputs that are model checkpoints: they live under models/ (the registry checks that the
 # stages' `models` fields name exactly these).
-MODEL_OUTPUTS = frozenset({"teacher_tokenizer", "tokenizer", "generator", "student", "probe", "onnx"})
+MODEL_OUTPUTS = frozenset({"teacher_tokenizer", "tokenizer", "generator", "student", "probe", "onnx", "student_onnx"})
 
 
 def output_relpath(dataset: str | None, output: str) -> str:

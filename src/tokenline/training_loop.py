@@ -13,9 +13,11 @@ EMA, MLflow metrics and state folders.
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
+import torch
 from torch import Tensor, nn
 
 from tokenline.artifacts import atomic_dir
@@ -52,6 +54,14 @@ class Companion(Protocol):
         """Restore from a state folder written with the two above."""
 
 
+class Watch(Protocol):
+    """A reading taken along training from the EMA weights (e.g. a student's FID); the loop logs what it returns."""
+
+    every: int  # steps between readings; one more at the last step
+
+    def __call__(self, step: int, model: nn.Module) -> dict[str, float]: ...
+
+
 def train_with_loss(
     model: nn.Module,
     batches_from: BatchesFrom,
@@ -64,11 +74,14 @@ def train_with_loss(
     force: bool = False,
     log_fn: Callable[[int, dict[str, float]], None] | None = None,
     companion: Companion | None = None,
+    watch: Watch | None = None,
 ) -> dict[str, float]:
     """Train `model` on `batches_from` with `loss_fn`; returns steps, final_loss, samples_per_s, wall_time_s.
 
     A `companion` (built before this call, as its loss needs it) is saved with every state folder
-    and restored on resume, after the RNG states, like the tokenizer's discriminator.
+    and restored on resume, after the RNG states, like the tokenizer's discriminator. A `watch` reads
+    a copy of the EMA weights every `watch.every` steps and at the end, under its own RNG state (a
+    resumed run stays bit-exact); its seconds are `watch_s`, part of wall_time_s.
     """
     out_dir = Path(out_dir)
     state_dir = out_dir / STATE
@@ -94,6 +107,7 @@ def train_with_loss(
         accelerator.wait_for_everyone()
 
     samples_per_step = config.batch_size * accelerator.num_processes
+    watch_s = 0.0
     loop = StepLoop(stage, config, run.begun, samples_per_step, checkpoint, state_dir,
                     show_bar=accelerator.is_local_main_process)
     with step_context(config, accelerator):  # on CPU with bf16: the fast attention backend
@@ -114,4 +128,20 @@ def train_with_loss(
                 metrics["samples_per_s"] = loop.interval_rate()
                 log_fn(loop.step, metrics)
             loop.checkpoint_if_due()
-    return training_summary(loop, run, "samples_per_s")
+            if watch is not None and watch.every and accelerator.is_main_process and \
+                    (loop.step % watch.every == 0 or not loop.running()):
+                started = time.perf_counter()
+                reading = take_reading(watch, loop.step, raw_model, ema)
+                watch_s += time.perf_counter() - started
+                if log_fn is not None:
+                    log_fn(loop.step, reading)
+    return training_summary(loop, run, "samples_per_s") | ({"watch_s": watch_s} if watch is not None else {})
+
+
+def take_reading(watch: Watch, step: int, raw_model: nn.Module, ema) -> dict[str, float]:
+    """`watch` on a copy of the EMA weights, without touching the training RNG streams."""
+    copy_ = copy.deepcopy(raw_model)
+    ema.copy_to(copy_)
+    copy_.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        return watch(step, copy_)

@@ -158,14 +158,23 @@ def test_the_discretization_curriculum_doubles_up_to_its_cap():
 # --------------------------------------------------------------------------------------
 
 
-def _train(root, method, out, overrides=(), steps=40, log=None, resume=False):
+class NoisyWatch:
+    """A watch that draws from torch's global RNG, as sampling with fresh noise would."""
+
+    every = 3  # readings at steps 3 and 6, around the state folder of step 4 that a resume starts from
+
+    def __call__(self, step, model):
+        return {"noisy": float(torch.randn(4).sum())}
+
+
+def _train(root, method, out, overrides=(), steps=40, log=None, resume=False, watch=None):
     teacher, cache, params = teacher_of(root, *overrides, f"student.method={method}", f"student.train.steps={steps}",
                                         "student.train.log_every=1", "student.pairs=24", "student.train.lr=1e-3")
     torch.manual_seed(0)
     recipe = RECIPES[method](teacher, params.student, cache, out, resume)
     model = student_from_teacher(teacher)
     return train_with_loss(model, recipe.batches_from, recipe.loss, out, params.student.train, save_generator,
-                           "student", resume=resume, log_fn=log, companion=recipe.companion)
+                           "student", resume=resume, log_fn=log, companion=recipe.companion, watch=watch)
 
 
 @pytest.mark.parametrize("method", ["reflow", "consistency", "dmd", "mask_distill"])
@@ -185,15 +194,16 @@ def test_each_methods_loss_is_finite_and_falls(method, flow_project, generator_p
 @pytest.mark.parametrize("method", ["reflow", "consistency", "dmd", "mask_distill"])
 def test_resume_is_bit_exact(method, flow_project, generator_project, tmp_path):
     root, overrides = (generator_project, ()) if method == "mask_distill" else (flow_project, KL)
-    _train(root, method, tmp_path / "straight", overrides, steps=8)
+    # Readings along training (student.watch) must not move the training RNG streams.
+    _train(root, method, tmp_path / "straight", overrides, steps=8, watch=NoisyWatch())
 
     def crash(step, metrics):
         if step == 5:  # after the state folder of step 4 (tiny: checkpoint_every 4)
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _train(root, method, tmp_path / "resumed", overrides, steps=8, log=crash)
-    _train(root, method, tmp_path / "resumed", overrides, steps=8, resume=True)
+        _train(root, method, tmp_path / "resumed", overrides, steps=8, log=crash, watch=NoisyWatch())
+    _train(root, method, tmp_path / "resumed", overrides, steps=8, resume=True, watch=NoisyWatch())
     files = ["state/model.safetensors", "state/ema.safetensors", "checkpoint/model.safetensors"]
     for file in files + (["state/critic.safetensors"] if method == "dmd" else []):
         a = safetensors.torch.load_file(tmp_path / "straight" / file)
@@ -220,6 +230,11 @@ def test_the_student_stage_writes_a_generator_checkpoint_sampled_in_its_steps(fl
     assert images.shape == (2, 3, 32, 32) and nfe == 1 and torch.isfinite(images).all()
     report = json.loads((flow_project / "data" / "reports" / "shapes" / "student.json").read_text())
     assert report["nfe"] == 1 and report["teacher_straightness"] >= 0 and report["student_straightness"] >= 0
+    # The FID along training (tiny: student.watch every 4 of 8 steps), in training.json and as a DVC plot.
+    readings = json.loads((folder / "training.json").read_text())["fid_along_training"]
+    assert [r["step"] for r in readings] == [4, 8] and all(r["fid"] > 0 for r in readings)
+    plot = json.loads((flow_project / "data" / "reports" / "shapes" / "student_fid_along_training.json").read_text())
+    assert plot == readings
 
 
 def test_a_changed_teacher_makes_the_student_stale(flow_project):

@@ -239,7 +239,7 @@ def test_a_new_checkpoint_ships_once_and_not_while_a_run_writes(registered, tmp_
     request = ship_request(params, "shapes", root)
     assert isinstance(request, RunRequest) and request.partition_key == "shapes"
     checkpoint = json.loads((output_path(root, "shapes", "generator") / "manifest.json").read_text())["content_hash"]
-    assert request.run_key == f"shapes-{checkpoint[:12]}"
+    assert request.run_key == f"ship-shapes-{checkpoint[:12]}" and request.job_name == "ship"
     with hold_lock(output_path(root, "shapes", "onnx")):
         assert "a run is writing onnx" in ship_request(params, "shapes", root)
 
@@ -254,3 +254,42 @@ def test_the_gpu_check_script_runs_on_a_cpu_machine_saying_what_it_skipped(regis
     assert "export: built nothing (fresh)" in done.stdout and "parity: max |torch - onnxruntime| = " in done.stdout
     assert "skipped: onnxruntime on CUDA" in done.stdout and "skipped: bf16 training steps on CUDA" in done.stdout
     assert "onnxruntime cpu: batch 1: " in done.stdout and done.stdout.strip().endswith("gpu_check: done")
+
+
+def test_the_student_ships_as_its_own_model_and_the_sensor_ships_a_new_one(registered, tmp_path, monkeypatch):
+    from dagster import RunRequest
+
+    from orchestration.defs.sensors import ship_request
+    from tokenline.distill.checkpoint import read_card
+    from tokenline.export.runtime import read_pipeline
+
+    root = tmp_path / "project"
+    shutil.copytree(registered[0], root, ignore=shutil.ignore_patterns("*.lock", "mlflow.db"))
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    params = load_params(root / "params.yaml", profile="tiny", dataset="shapes")
+    assert ship_request(params, "shapes", root, "ship_student") == "shapes: no student checkpoint yet"
+
+    run_stage(root, "student_registry", "shapes")  # student, student_eval, student_export on the way
+    result = json.loads((output_path(root, "shapes", "student_registry") / "registry.json").read_text())
+    assert result["model"] == "tokenline-shapes-student" and result["version"] == 1
+    # The export samples at the student's own steps and sampler, unguided, from the student's weights.
+    spec, card = read_pipeline(output_path(root, "shapes", "student_onnx")), read_card(output_path(root, "shapes", "student"))
+    assert (spec["generator"]["steps"], spec["generator"]["sampler"], spec["generator"]["guidance"]) == \
+        (card.steps, card.sampler, 1.0)
+    student_hash = json.loads((output_path(root, "shapes", "student") / "manifest.json").read_text())["content_hash"]
+    assert spec["sources"]["generator"] == student_hash and spec["parity"]["max_abs_diff"] <= 1e-3
+    tags = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version("tokenline-shapes-student", "1").tags
+    assert tags["hash.student_onnx"] and tags["hash.student"] == student_hash and "eval.fid_ratio" in tags
+    assert "hash.generator" in tags  # the teacher, through the student's manifest
+    assert "already shipped" in ship_request(params, "shapes", root, "ship_student")
+
+    retrained = load_params(root / "params.yaml", profile="tiny", overrides=["student.train.steps=6"], dataset="shapes")
+    run_stage(root, "student", "shapes", "student.train.steps=6")
+    request = ship_request(retrained, "shapes", root, "ship_student")
+    new_hash = json.loads((output_path(root, "shapes", "student") / "manifest.json").read_text())["content_hash"]
+    assert isinstance(request, RunRequest) and request.job_name == "ship_student"
+    assert request.run_key == f"ship_student-shapes-{new_hash[:12]}"
+    generator_shipped = load_params(root / "params.yaml", profile="tiny", dataset="shapes",
+                                    overrides=['registry.gates=["fid <= 1"]', "student.train.steps=6"])
+    assert "already shipped" in ship_request(generator_shipped, "shapes", root, "ship")  # the generator did not change

@@ -48,7 +48,10 @@ def test_definitions_load_with_every_output_as_an_asset(monkeypatch):
     assert schedule.job_name == "report_all" and schedule.cron_schedule == "0 3 * * *"
     nightly = defs.resolve_schedule_def("nightly_eval")  # re-evaluates production before the report is drawn
     assert nightly.job_name == "nightly_eval" and nightly.cron_schedule == "0 2 * * *"
-    assert defs.resolve_sensor_def("new_checkpoint").job_name == "ship"
+    # A new generator ships by `ship`, a new student by `ship_student`, each with its own export and registry.
+    assert sorted(job.name for job in defs.resolve_sensor_def("new_checkpoint").jobs) == ["ship", "ship_student"]
+    student_ship = {key.path[0] for key in defs.resolve_job_def("ship_student").asset_layer.executable_asset_keys}
+    assert student_ship == {"student_eval", "student_onnx", "student_registry"}
     check_names = {key.name for key in graph.asset_check_keys}
     assert {"counts_add_up", "accept_rate", "rejects_have_reasons", "finite_weights", "rfid_below_threshold", "code_usage",
             "fid_below_threshold"} <= check_names

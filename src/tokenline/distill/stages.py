@@ -13,6 +13,7 @@ from tokenline.distill.evaluation import compare, score, steps_sweep
 from tokenline.distill.methods import RECIPES, Recipe
 from tokenline.distill.straightness import straightness
 from tokenline.distill.teacher import Teacher, load_teacher, student_from_teacher
+from tokenline.distill.watch import FidWatch
 from tokenline.generator.checkpoint import load_generator, save_generator
 from tokenline.eval.gates import scalar_figures
 from tokenline.eval.generation import GenerationMetrics
@@ -47,6 +48,20 @@ def trajectory_straightness(teacher: Teacher, student: FlowTransformer, recipe: 
             "straightness_steps": steps, "straightness_samples": count}
 
 
+def fid_watch(ctx: StageContext, tokenizer: Tokenizer1D, sampling: SamplingOptions, work) -> FidWatch | None:
+    """The loop's FID reading of the student (None when `student.watch.every` is 0)."""
+    w = ctx.params.student.watch
+    if not w.every:
+        return None
+    samples = reference_samples(ctx.inputs["shards"], ctx.inputs["captions"], w.samples)
+    real = samples_to_batch(samples, tokenizer.config.image_size)
+    watch = FidWatch(w.every, tokenizer, cached_text_encoder(ctx.root, ctx.params), [s["caption"] for s in samples],
+                     GenerationMetrics(real, kid_subset_size=len(samples)), sampling, work / "watch.json")
+    if ctx.resume:
+        watch.resume()
+    return watch
+
+
 def student(ctx: StageContext) -> StageResult:
     """Train the student `student.method` names from the generator; write its checkpoint, card and sample previews."""
     p = ctx.params.student
@@ -58,9 +73,13 @@ def student(ctx: StageContext) -> StageResult:
     seed_everything(p.train.seed)  # a method's own modules (DMD2's critic head) draw their initial weights here
     recipe = RECIPES[teacher.method](teacher, p, cache, work, ctx.resume)
     model = student_from_teacher(teacher)
+    tokenizer = Tokenizer1D.from_checkpoint(tokenizer_dir)
+    sampling = SamplingOptions(sampler=recipe.sampler, steps=p.steps, guidance=1.0, seed=ctx.params.generator.sample.seed)
+    watch = fid_watch(ctx, tokenizer, sampling, work)
     summary = train_with_loss(model, recipe.batches_from, recipe.loss, work, p.train, save_generator, "student",
                               resume=ctx.resume, force=ctx.force, log_fn=ctx.tracker.log_metrics,
-                              companion=recipe.companion)
+                              companion=recipe.companion, watch=watch)
+    readings = {"fid_along_training": watch.readings} if watch is not None else {}
 
     out = ctx.outputs["student"]
     for file in sorted((work / CHECKPOINT).iterdir()):
@@ -75,19 +94,21 @@ def student(ctx: StageContext) -> StageResult:
         figures = trajectory_straightness(teacher, trained, recipe, cache)
     atomic_write_json(out / TRAINING, {**summary, "train": p.train.to_dict(), "method": teacher.method,
                                        "num_params": num_params(trained), "teacher": card.teacher,
-                                       "teacher_hash": teacher.content_hash, **figures})
+                                       "teacher_hash": teacher.content_hash, **figures, **readings})
 
     prompts = preview_prompts(ctx, cache)
     encoder = cached_text_encoder(ctx.root, ctx.params)
     with torch.no_grad():
-        images, nfe = generate_images(trained, Tokenizer1D.from_checkpoint(tokenizer_dir), prompts, encoder,
-                                      card.sampling())
+        images, nfe = generate_images(trained, tokenizer, prompts, encoder, card.sampling())
     samples = [(tensor_to_image(image), prompt) for image, prompt in zip(images, prompts)]
     metrics = {key: float(summary[key]) for key in ("final_loss", "samples_per_s", "wall_time_s")} | figures
     report = {"method": teacher.method, "steps": p.steps, "nfe": nfe, "teacher_hash": teacher.content_hash,
-              "teacher_sampling": card.teacher_sampling, **metrics}
+              "teacher_sampling": card.teacher_sampling, **metrics, **readings}
+    if watch is not None and watch.readings:
+        metrics["watch_fid"] = watch.readings[-1]["fid"]
+    plots = {"fid_along_training": watch.readings if watch is not None else []}  # empty: student.watch.every 0
     return StageResult(counts={"steps": int(summary["steps"]), "params": num_params(trained)},
-                       metrics=metrics, report=report, samples=samples)
+                       metrics=metrics, report=report, samples=samples, plots=plots)
 
 
 def student_eval(ctx: StageContext) -> StageResult:
@@ -144,12 +165,14 @@ STAGES = (
         description="Distill the generator into a one- or few-step student (student.method: reflow, "
         "consistency or dmd for a flow generator, mask_distill for a masked one); a generator checkpoint "
         "plus student.json in models/<dataset>/student, sample grid at the student's steps.",
-        inputs=("generator", "tokenizer", "tokens"),
+        inputs=("generator", "tokenizer", "tokens", "shards", "captions"),
         outputs=("student",),
         models=("student",),
         code=("generator", "tokenizer", "text"),
         params=("student", "generator"),
         report=True,
+        plots=(PlotSpec("fid_along_training", x="step", y="fid",
+                        title="The student's FID along training (student.watch: EMA weights, fixed prompts and noise)"),),
         checks=(
             AssetCheck("finite_weights", "student", "every student weight is finite", student_checks.finite_weights),
         ),

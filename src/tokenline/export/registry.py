@@ -22,9 +22,12 @@ MODEL_FILE = Path(__file__).with_name("mlflow_model.py")
 CANDIDATE, PRODUCTION = "candidate", "production"
 
 
-def model_name(dataset: str) -> str:
-    """The registered model of a dataset."""
-    return f"tokenline-{dataset}"
+STUDENT_SUFFIX = "-student"  # tokenline-<dataset>-student: the dataset's distilled student
+
+
+def model_name(dataset: str, suffix: str = "") -> str:
+    """The registered model of a dataset (`suffix` "-student": its distilled student's)."""
+    return f"tokenline-{dataset}{suffix}"
 
 
 def gate_figures(gen_eval_report: dict[str, Any], pipeline: dict[str, Any]) -> dict[str, float]:
@@ -46,18 +49,17 @@ def signature_and_example(pipeline: dict[str, Any]):
     return infer_signature(example, output, params=params), example
 
 
-def register(folder: Path, dataset: str, tags: dict[str, str], figures: dict[str, float], gates: list[str],
+def register(folder: Path, name: str, dataset: str, tags: dict[str, str], figures: dict[str, float], gates: list[str],
              tracking_uri: str, experiment_id: str) -> dict[str, Any]:
-    """Log `folder` as a pyfunc model, register it as a new version, alias it, and gate production."""
+    """Log `folder` as a pyfunc model, register it as a new version of `name`, alias it, and gate production."""
     import mlflow
     from mlflow import MlflowClient
 
     pipeline = read_pipeline(folder)
     signature, example = signature_and_example(pipeline)
-    name = model_name(dataset)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"registry {dataset}",
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"registry {name}",
                           tags={"tokenline.stage": "registry", "tokenline.dataset": dataset}) as run:
         info = mlflow.pyfunc.log_model(
             name="pipeline", python_model=str(MODEL_FILE), artifacts={MODEL_ARTIFACT: str(folder)},
@@ -89,13 +91,13 @@ def _alias_version(client, name: str, alias: str) -> int | None:
         return None
 
 
-def promote(dataset: str, tracking_uri: str, version: int | None = None, force: bool = False) -> int:
+def promote(dataset: str, tracking_uri: str, version: int | None = None, force: bool = False, suffix: str = "") -> int:
     """Point `production` at `version` (default: the `candidate`), refusing a version whose gates failed unless forced."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    name = model_name(dataset)
+    name = model_name(dataset, suffix)
     try:
         chosen = client.get_model_version(name, str(version)) if version else client.get_model_version_by_alias(name, CANDIDATE)
     except MlflowException as err:

@@ -1,6 +1,10 @@
-"""The export stage: the dataset's generator, tokenizer and text encoder as an ONNX pipeline folder.
+"""The ship stages: a checkpoint, its tokenizer and text encoder as an ONNX pipeline folder, and its registration.
 
-models/<dataset>/onnx/ holds text_encoder.onnx, generator.onnx, decoder.onnx, tokenizer.json and
+Two checkpoints ship, each with its own pair of stages (a `Shipment`): the generator (`export`,
+`registry`: models/<dataset>/onnx, tokenline-<dataset>) and the distilled student
+(`student_export`, `student_registry`: models/<dataset>/student_onnx, tokenline-<dataset>-student).
+
+An export folder holds text_encoder.onnx, generator.onnx, decoder.onnx, tokenizer.json and
 pipeline.json (sampling settings, latent statistics, the source checkpoints' content hashes, the
 opset and the parity measured here). The stage fails, and nothing is published, when onnxruntime's
 images differ from torch's by more than export.max_parity or, on shapes, when the compositional
@@ -11,16 +15,18 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
 from tokenline.artifacts import atomic_write_json, read_manifest
+from tokenline.distill.checkpoint import load_student
 from tokenline.eval.compositional import check_image
 from tokenline.eval.stages import METRICS
 from tokenline.export import checks as export_checks
 from tokenline.export.build import export_pipeline, measure_parity, torch_backend
-from tokenline.export.registry import gate_figures, register
+from tokenline.export.registry import STUDENT_SUFFIX, gate_figures, model_name, register
 from tokenline.export.runtime import PIPELINE_FILE, OnnxPipeline, read_pipeline, to_uint8
 from tokenline.generator.checkpoint import check_pairing, load_generator
 from tokenline.generator.generate import SamplingOptions
@@ -36,7 +42,30 @@ SHEET_PROMPTS = 8  # images in the registry stage's contact sheet
 
 # gen_eval figures copied onto each registered version as tags (the UI's version page shows them).
 EVAL_TAGS = ("fid", "kid", "probe_r1", "probe_score", "clip_score", "shapes_color_acc", "shapes_shape_acc",
-             "shapes_count_acc", "shapes_position_acc", "ms_per_image", "parity_max_abs_diff")
+             "shapes_count_acc", "shapes_position_acc", "ms_per_image", "parity_max_abs_diff",
+             "nfe", "teacher_fid", "fid_ratio", "speedup")  # the last four: a student's (student_eval)
+
+
+@dataclass(frozen=True)
+class Shipment:
+    """What one export/registry pair ships: the checkpoint, the eval that judged it, and the names it is published under."""
+
+    checkpoint: str  # the output holding the generator checkpoint
+    evaluation: str  # the output whose metrics.json the registry gates read
+    onnx: str  # the export folder
+    registry: str  # the registry stage's record
+    model_suffix: str  # registered model tokenline-<dataset><suffix>
+
+    def sampling(self, params, folder: Path) -> tuple[object, SamplingOptions]:
+        """(model, the sampling it ships with): the profile's for the generator, the card's for a student."""
+        if self.checkpoint == "student":
+            model, card = load_student(folder)
+            return model, card.sampling(seed=params.generator.sample.seed)
+        return load_generator(folder), SamplingOptions(**params.generator.sample.model_dump())
+
+
+GENERATOR = Shipment("generator", "gen_eval", "onnx", "registry", "")
+STUDENT = Shipment("student", "student_eval", "student_onnx", "student_registry", STUDENT_SUFFIX)
 
 
 def parity_prompts(tokens_dir: Path, count: int) -> list[str]:
@@ -57,19 +86,21 @@ def checker_agreement(first, second, prompts: list[str]) -> dict:
     return {"checked": sum(1 for p in prompts if p), "agree": same}
 
 
-def export(ctx: StageContext) -> StageResult:
-    """Export the pipeline, measure its parity with torch, refuse to publish it when parity fails."""
-    p, sample = ctx.params.export, ctx.params.generator.sample
-    generator_dir, tokenizer_dir = ctx.inputs["generator"], ctx.inputs["tokenizer"]
+def export_checkpoint(ctx: StageContext, shipment: Shipment) -> StageResult:
+    """Export `shipment`'s checkpoint, measure its parity with torch, refuse to publish it when parity fails."""
+    p = ctx.params.export
+    checkpoint_dir, tokenizer_dir = ctx.inputs[shipment.checkpoint], ctx.inputs["tokenizer"]
     tokenizer_hash = read_manifest(tokenizer_dir)["content_hash"]
-    check_pairing(generator_dir, tokenizer_dir, tokenizer_hash)
-    generator, tokenizer = load_generator(generator_dir), Tokenizer1D.from_checkpoint(tokenizer_dir)
+    check_pairing(checkpoint_dir, tokenizer_dir, tokenizer_hash)
+    generator, options = shipment.sampling(ctx.params, checkpoint_dir)
+    tokenizer = Tokenizer1D.from_checkpoint(tokenizer_dir)
     encoder = params_text_encoder(ctx.params)
-    sources = {name: read_manifest(ctx.inputs[name])["content_hash"] for name in ("generator", "tokenizer", "gen_eval")}
-    options = SamplingOptions(**sample.model_dump())
-    folder = ctx.outputs["onnx"]
-    published = output_path(ctx.root, ctx.dataset, "onnx")  # `folder` is renamed to this once done
-    source_dirs = {name: os.path.relpath(ctx.inputs[name], published) for name in ("generator", "tokenizer")}
+    # pipeline.json names the checkpoint `generator` whichever it is: `--runtime torch` loads it as one.
+    hashes = {name: read_manifest(ctx.inputs[name])["content_hash"] for name in (shipment.checkpoint, "tokenizer", shipment.evaluation)}
+    sources = {"generator": hashes[shipment.checkpoint], "tokenizer": hashes["tokenizer"], shipment.evaluation: hashes[shipment.evaluation]}
+    folder = ctx.outputs[shipment.onnx]
+    published = output_path(ctx.root, ctx.dataset, shipment.onnx)  # `folder` is renamed to this once done
+    source_dirs = {"generator": os.path.relpath(checkpoint_dir, published), "tokenizer": os.path.relpath(tokenizer_dir, published)}
     spec = export_pipeline(folder, generator, tokenizer, encoder, options, sources, p.opset, source_dirs)
 
     prompts = parity_prompts(ctx.inputs["tokens"], p.parity_prompts)
@@ -81,7 +112,7 @@ def export(ctx: StageContext) -> StageResult:
         figures["shapes_checker"] = checker_agreement(to_uint8(onnx_images), to_uint8(torch_images), prompts)
     problems = parity_problems(figures)
     if problems:
-        raise ValueError(f"export of {ctx.dataset} not published: {'; '.join(problems)}")
+        raise ValueError(f"{shipment.onnx} of {ctx.dataset} not published: {'; '.join(problems)}")
     spec["parity"] = figures
     atomic_write_json(folder / PIPELINE_FILE, spec)  # the hashes in `files` cover the graphs, not this file
     samples = [(Image.fromarray(image), prompt or "(empty prompt)") for image, prompt in zip(to_uint8(onnx_images), prompts)]
@@ -92,11 +123,21 @@ def export(ctx: StageContext) -> StageResult:
                        samples=samples)
 
 
-def lineage_tags(root: Path, folder: Path, params) -> dict[str, str]:
+def export(ctx: StageContext) -> StageResult:
+    """Export the generator at the profile's sampling (models/<dataset>/onnx)."""
+    return export_checkpoint(ctx, GENERATOR)
+
+
+def student_export(ctx: StageContext) -> StageResult:
+    """Export the distilled student at the steps and sampler on its card (models/<dataset>/student_onnx)."""
+    return export_checkpoint(ctx, STUDENT)
+
+
+def lineage_tags(root: Path, folder: Path, params, output: str = "onnx") -> dict[str, str]:
     """Every upstream output's content hash (following the manifests' inputs), the git commit and the profile."""
     manifest = read_manifest(folder)
     tags = {"profile": params.profile, "git_commit": str(manifest.get("git_commit")),
-            "hash.onnx": manifest["content_hash"]}
+            f"hash.{output}": manifest["content_hash"]}
     pending = list(manifest["inputs"].items())
     while pending:
         name, entry = pending.pop()
@@ -108,16 +149,17 @@ def lineage_tags(root: Path, folder: Path, params) -> dict[str, str]:
     return tags
 
 
-def registry(ctx: StageContext) -> StageResult:
-    """Register the export as a new version of tokenline-<dataset> (alias candidate) and gate `production`."""
-    folder = ctx.inputs["onnx"]
-    report = json.loads((ctx.inputs["gen_eval"] / METRICS).read_text())
+def register_export(ctx: StageContext, shipment: Shipment) -> StageResult:
+    """Register `shipment`'s export as a new version (alias candidate) and gate `production` on its eval."""
+    folder = ctx.inputs[shipment.onnx]
+    report = json.loads((ctx.inputs[shipment.evaluation] / METRICS).read_text())
     figures = gate_figures(report, read_pipeline(folder))
-    tags = lineage_tags(ctx.root, folder, ctx.params)
+    tags = lineage_tags(ctx.root, folder, ctx.params, shipment.onnx)
     tags |= {f"eval.{key}": f"{figures[key]:.6g}" for key in EVAL_TAGS if key in figures}
     uri, experiment = project_experiment(ctx.params, ctx.root)
-    result = register(folder, ctx.dataset, tags, figures, list(ctx.params.registry.gates), uri, experiment)
-    atomic_write_json(ctx.outputs["registry"] / "registry.json", result)
+    name = model_name(ctx.dataset, shipment.model_suffix)
+    result = register(folder, name, ctx.dataset, tags, figures, list(ctx.params.registry.gates), uri, experiment)
+    atomic_write_json(ctx.outputs[shipment.registry] / "registry.json", result)
     counts = {"version": result["version"], "production_version": result["production_version"] or 0}
     # The contact sheet: what the registered version draws for the report's named prompts.
     prompts = [prompt for prompts in ctx.params.gen_eval.prompt_sets.values() for prompt in prompts][:SHEET_PROMPTS] or [""]
@@ -125,6 +167,16 @@ def registry(ctx: StageContext) -> StageResult:
     samples = [(Image.fromarray(image), f"v{result['version']}: {prompt or '(empty prompt)'}") for image, prompt in zip(images, prompts)]
     return StageResult(counts=counts, metrics={"gates_passed": float(result["gates_passed"])}, report=result,
                        samples=samples)
+
+
+def registry(ctx: StageContext) -> StageResult:
+    """Register the generator's export as a version of tokenline-<dataset>."""
+    return register_export(ctx, GENERATOR)
+
+
+def student_registry(ctx: StageContext) -> StageResult:
+    """Register the student's export as a version of tokenline-<dataset>-student."""
+    return register_export(ctx, STUDENT)
 
 
 def parity_problems(figures: dict) -> list[str]:
@@ -165,6 +217,24 @@ STAGES = (
         ),
     ),
     Stage(
+        name="student_export",
+        func=student_export,
+        area="export",
+        description="Export the distilled student like the generator, at the steps and sampler on its card "
+        "(models/<dataset>/student_onnx); fails unless onnxruntime's images match torch's within export.max_parity.",
+        inputs=("student", "tokenizer", "tokens", "student_eval"),
+        outputs=("student_onnx",),
+        models=("student_onnx",),
+        code=("generator", "tokenizer", "text", "eval", "distill"),
+        params=("student", "generator", "export"),
+        report=True,
+        dvc_artifact="model",
+        checks=(
+            AssetCheck("files_match", "student_onnx", "every file pipeline.json lists is present with its sha256",
+                       export_checks.student_files_match),
+        ),
+    ),
+    Stage(
         name="registry",
         func=registry,
         area="export",
@@ -173,6 +243,18 @@ STAGES = (
         "gen_eval figures pass registry.gates (data/<dataset>/registry/registry.json says which).",
         inputs=("onnx", "gen_eval"),
         outputs=("registry",),
+        code=("eval",),
+        params=("registry",),
+        report=True,
+    ),
+    Stage(
+        name="student_registry",
+        func=student_registry,
+        area="export",
+        description="Register the student's ONNX pipeline as a version of tokenline-<dataset>-student, gated by "
+        "registry.gates on the student_eval figures (fid, fid_ratio, speedup, ...); alias candidate, production when they pass.",
+        inputs=("student_onnx", "student_eval"),
+        outputs=("student_registry",),
         code=("eval",),
         params=("registry",),
         report=True,
