@@ -80,7 +80,9 @@ def student_row(root: Path, dataset: str, method: str, wall_s: float) -> dict:
     training = json.loads((output_path(root, dataset, "student") / "training.json").read_text())
     student = json.loads(report_path(root, dataset, "student").read_text())
     return {"model": f"student {method}", **{k: v for k, v in report.items() if not isinstance(v, (dict, list))},
-            "train_s": training["wall_time_s"], "stage_s": wall_s, "sweep": report["sweep"],
+            # train_s leaves out the FID readings along training (student.watch), timed apart as watch_s
+            "train_s": training["wall_time_s"] - training.get("watch_s", 0.0), "watch_s": training.get("watch_s"),
+            "fid_along_training": training.get("fid_along_training"), "stage_s": wall_s, "sweep": report["sweep"],
             **{k: student[k] for k in ("teacher_straightness", "student_straightness") if k in student}}
 
 
@@ -121,7 +123,8 @@ def main() -> None:
                 ran = run_stages(root, params, dataset, STUDENT_STAGES)
                 print(f"{dataset} {method}: ran {ran['ran'] or 'nothing'}", flush=True)
                 rows.append({"teacher": kind, **student_row(root, dataset, method, time.perf_counter() - started)})
-                print(json.dumps({k: v for k, v in rows[-1].items() if k != "sweep"}), flush=True)
+                print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("sweep", "fid_along_training")}), flush=True)
+                print(f"{method} FID along training: {rows[-1]['fid_along_training']}", flush=True)
         results[dataset] = {"rows": rows}
         write_json(args.root / "students.json", {"profile": args.profile, "guidance": args.guidance,
                                                  "overrides": args.overrides, "datasets": results})

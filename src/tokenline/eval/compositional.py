@@ -87,6 +87,8 @@ MIN_OBJECT_FRACTION = 0.006  # of the image area: 6 px at 32 px, 25 px at 64 px
 MIN_OBJECT_PIXELS = 4
 TEMPLATE_SIDE = 128          # box side of the ideal outlines that are scaled to detected masks
 SUBSAMPLES = 4               # per pixel side, when computing how much of a pixel a fitted outline covers
+# The checker's four accuracies (higher is better), as reports, gates and the nightly comparison name them.
+ACCURACIES = ("shapes_color_acc", "shapes_shape_acc", "shapes_count_acc", "shapes_position_acc")
 
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 _WHITE = np.array(BACKGROUND, dtype=np.float32)

@@ -23,7 +23,7 @@ from tokenline.contact_sheet import png_bytes
 from tokenline.data.shards import iter_shard_samples
 from tokenline.eval import checks as eval_checks
 from tokenline.eval.clip_score import ClipScorer
-from tokenline.eval.compositional import score_images
+from tokenline.eval.compositional import ACCURACIES, score_images
 from tokenline.eval.gates import scalar_figures
 from tokenline.eval.generation import GenerationMetrics
 from tokenline.eval.probe import (
@@ -156,7 +156,7 @@ def clip_alignment(subject: Subject, images: Tensor, p, root: Path) -> tuple[dic
 def shapes_accuracy(images: Tensor, prompts: list[str]) -> dict:
     """The compositional checker's accuracies (colour, shape, count, position) and their breakdowns."""
     shapes = score_images([tensor_to_image(image) for image in images], prompts)
-    figures = {key: shapes[key] for key in ("shapes_color_acc", "shapes_shape_acc", "shapes_count_acc", "shapes_position_acc")}
+    figures = {key: shapes[key] for key in ACCURACIES}
     return figures | {f"shapes_{group}": shapes[group] for group in ("by_count", "by_object", "by_relation")}
 
 

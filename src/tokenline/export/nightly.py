@@ -21,6 +21,7 @@ from tqdm import tqdm
 from tokenline.artifacts import atomic_write_bytes, atomic_write_json, read_manifest, verify_output
 from tokenline.config import Params
 from tokenline.contact_sheet import contact_sheet, png_bytes
+from tokenline.eval.compositional import ACCURACIES
 from tokenline.eval.generation import GenerationMetrics
 from tokenline.eval.stages import reference_samples, shapes_accuracy
 from tokenline.export.generation import open_pipeline, resolve_model
@@ -30,7 +31,7 @@ from tokenline.tokenizer.pixels import samples_to_batch, tensor_to_image
 
 NIGHTLY = Path("data") / "reports" / "nightly"
 LOWER_IS_BETTER = ("fid", "kid")
-HIGHER_IS_BETTER = ("shapes_color_acc", "shapes_shape_acc", "shapes_count_acc", "shapes_position_acc")
+HIGHER_IS_BETTER = ACCURACIES
 BATCH = 16
 DAY_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
