@@ -100,8 +100,7 @@ def train_with_loss(
             extra = {} if companion is None else {"extra_tensors": companion.state_tensors(),
                                                   "extra_objects": companion.state_objects()}
             write_training_state(state_dir, raw_model, ema, optimizer, scheduler, config, progress, **extra)
-            exported = copy.deepcopy(raw_model)
-            ema.copy_to(exported)
+            exported = ema_copy(raw_model, ema)
             with atomic_dir(out_dir / CHECKPOINT) as temp:
                 save_checkpoint(exported, temp)
         accelerator.wait_for_everyone()
@@ -138,10 +137,15 @@ def train_with_loss(
     return training_summary(loop, run, "samples_per_s") | ({"watch_s": watch_s} if watch is not None else {})
 
 
+def ema_copy(raw_model: nn.Module, ema) -> nn.Module:
+    """A copy of the model holding the EMA weights (what a checkpoint exports); training's model is untouched."""
+    copied = copy.deepcopy(raw_model)
+    ema.copy_to(copied)
+    return copied
+
+
 def take_reading(watch: Watch, step: int, raw_model: nn.Module, ema) -> dict[str, float]:
     """`watch` on a copy of the EMA weights, without touching the training RNG streams."""
-    copy_ = copy.deepcopy(raw_model)
-    ema.copy_to(copy_)
-    copy_.eval()
+    model = ema_copy(raw_model, ema).eval()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        return watch(step, copy_)
+        return watch(step, model)

@@ -73,9 +73,11 @@ def student(ctx: StageContext) -> StageResult:
     seed_everything(p.train.seed)  # a method's own modules (DMD2's critic head) draw their initial weights here
     recipe = RECIPES[teacher.method](teacher, p, cache, work, ctx.resume)
     model = student_from_teacher(teacher)
+    card = StudentCard(method=teacher.method, sampler=recipe.sampler, steps=p.steps,
+                       teacher=str(teacher.folder.relative_to(ctx.root)), teacher_hash=teacher.content_hash,
+                       teacher_sampling=teacher.sampling.describe(), settings=recipe.settings)
     tokenizer = Tokenizer1D.from_checkpoint(tokenizer_dir)
-    sampling = SamplingOptions(sampler=recipe.sampler, steps=p.steps, guidance=1.0, seed=ctx.params.generator.sample.seed)
-    watch = fid_watch(ctx, tokenizer, sampling, work)
+    watch = fid_watch(ctx, tokenizer, card.sampling(seed=ctx.params.generator.sample.seed), work)
     summary = train_with_loss(model, recipe.batches_from, recipe.loss, work, p.train, save_generator, "student",
                               resume=ctx.resume, force=ctx.force, log_fn=ctx.tracker.log_metrics,
                               companion=recipe.companion, watch=watch)
@@ -84,9 +86,6 @@ def student(ctx: StageContext) -> StageResult:
     out = ctx.outputs["student"]
     for file in sorted((work / CHECKPOINT).iterdir()):
         shutil.copy2(file, out / file.name)
-    card = StudentCard(method=teacher.method, sampler=recipe.sampler, steps=p.steps,
-                       teacher=str(teacher.folder.relative_to(ctx.root)), teacher_hash=teacher.content_hash,
-                       teacher_sampling=teacher.sampling.describe(), settings=recipe.settings)
     save_student(load_generator(out), out, card)
     trained, card = load_student(out)
     figures = {}
