@@ -44,6 +44,12 @@ def project(tmp_path) -> Path:
     return tmp_path
 
 
+def patch_of(index: int, patch: int = 8, grid: int = 8) -> tuple[slice, slice]:
+    """Pixel rows and columns of image patch `index` in raster order."""
+    row, col = divmod(index, grid)
+    return slice(row * patch, (row + 1) * patch), slice(col * patch, (col + 1) * patch)
+
+
 def run_stage(root: Path, stage: str, dataset: str, *overrides: str, tracking: bool = False, **kwargs):
     """Run `stage` (and stale upstream stages) on `dataset` with the tiny profile."""
     sets = [*overrides] + ([] if tracking else ["tracking.enabled=false"])

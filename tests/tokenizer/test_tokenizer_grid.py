@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, run_stage
+from conftest import REPO, patch_of, run_stage
 from tokenline.artifacts import read_manifest
 from tokenline.config import ConfigError
 from tokenline.params_loading import load_params
@@ -28,12 +28,6 @@ def _seed(one_torch_thread):
 def grid_tokenizer(**overrides) -> Tokenizer1D:
     """An untrained grid tokenizer at 64 px, patch 8 (8 x 8 = 64 latents), in eval mode."""
     return Tokenizer1D(TokenizerConfig(**(GRID | overrides))).eval()
-
-
-def patch_of(index: int, patch: int = 8, grid: int = 8) -> tuple[slice, slice]:
-    """Pixel rows and columns of patch `index` in raster order."""
-    row, col = divmod(index, grid)
-    return slice(row * patch, (row + 1) * patch), slice(col * patch, (col + 1) * patch)
 
 
 @pytest.mark.parametrize("quantizer", ["kl", "vq", "binary"])

@@ -8,6 +8,12 @@ outputs at the patch positions are the latents themselves (one per patch, raster
 K = grid**2), and the decoder reads that latent grid directly as its patch tokens (no mask
 tokens). Everything downstream sees [B, K, D] latents either way.
 
+`layout="1d-mix"` keeps K 1D tokens but forms them without attention routing: each token is a learned,
+input-independent mix of every patch position's encoder output (per head of channels), and the decoder
+unmixes them back to the patch positions. It can represent a PCA-like compression of the patch field
+from step 0, where TiTok's latent tokens must first learn to route 64 patches through attention
+(benchmarks/RESULTS.md, "1D tokens by fixed mixing").
+
 `teacher` (TiTok's two-stage training) makes the 1D decoder predict a grid teacher's latents at
 every patch position (`to_teacher`), and a copy of the teacher's decoder (`pixel_decoder`) paints
 them: one model, pixels -> K tokens -> pixels, that needs no teacher once trained.
@@ -33,7 +39,9 @@ from tokenline.tokenizer.quantizers import (
 )
 
 TOKEN_COUNTS = (16, 32, 64, 128)
-LAYOUTS = ("1d", "grid")  # learned 1D latent tokens (TiTok) | one latent per patch (a 2D grid)
+# learned 1D latent tokens gathered by attention (TiTok) | 1D tokens, each a learned fixed mix of every
+# patch position | one latent per patch (a 2D grid)
+LAYOUTS = ("1d", "1d-mix", "grid")
 
 
 # -----------------------------------------------------------------------------
@@ -59,7 +67,7 @@ class TokenizerConfig:
     text_tokens: int = 32       # caption tokens that enter, at most; longer captions are cut
     mlp_ratio: float = 4.0      # MLP hidden width / width
     dropout: float = 0.0        # dropout in attention and MLP
-    layout: str = "1d"          # 1d: K learned latent tokens | grid: the patch outputs are the latents (K = grid**2)
+    layout: str = "1d"          # 1d: K learned latent tokens | 1d-mix: K fixed mixes of the patches | grid: K = grid**2
     teacher: dict[str, Any] | None = None  # a grid tokenizer's config: its latents are the 1D decoder's targets (two-stage)
 
     def __post_init__(self):
@@ -180,7 +188,7 @@ class Transformer(nn.Module):
 
 # Top-level attributes of Tokenizer1D that turn latents into pixels; every other one makes latents.
 DECODER_SIDE = ("from_latent", "latent_pos", "mask_token", "mask_pos", "decoder", "to_pixels", "to_teacher",
-                "pixel_decoder")
+                "pixel_decoder", "patch_unmix")
 
 
 def patches_to_images(patches: Tensor, c: TokenizerConfig) -> Tensor:
@@ -214,6 +222,57 @@ class GridPixelDecoder(nn.Module):
         self.load_state_dict({name: t for name, t in teacher.state_dict().items() if name in own})
 
 
+class TokenMixer(nn.Module):
+    """A learned linear map along the sequence axis, one [out, in] matrix per head of channels:
+    [B, in, W] -> [B, out, W]. The weights do not depend on the input (MLP-Mixer's token mixing)."""
+
+    def __init__(self, inputs: int, outputs: int, width: int, heads: int, start: Tensor | None = None):
+        super().__init__()
+        self.heads = heads
+        bound = (6 / (inputs + outputs)) ** 0.5  # xavier-uniform, as every Linear here
+        weight = torch.empty(heads, outputs, inputs).uniform_(-bound, bound)
+        if start is not None:  # a known map [heads or 1, out, in] plus a little noise
+            weight = start.expand(heads, -1, -1) + 0.1 * weight
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, in, W] -> [B, out, W]."""
+        grouped = rearrange(x, "b l (h d) -> b h l d", h=self.heads)
+        return rearrange(self.weight @ grouped, "b h l d -> b l (h d)")
+
+
+def block_assignment(side: int, tokens: int) -> Tensor:
+    """[tokens, side**2] 0/1: which patches each token starts from. Fewer tokens than patches: each token a
+    block of neighbouring patches (2 x 1 for half, 2 x 2 for a quarter ...), so the mix starts as a coarser
+    grid that is known to reconstruct; more tokens: token k starts at patch k mod side**2."""
+    patches = side * side
+    if tokens >= patches:
+        return F.one_hot(torch.arange(tokens) % patches, patches).float()
+    ratio = patches // tokens
+    columns = 2 ** ((ratio.bit_length()) // 2)  # block width: the larger half of the power of two
+    rows = ratio // columns
+    if ratio * tokens != patches or side % columns or side % rows:  # no tiling: runs of the raster order
+        return F.one_hot(torch.arange(patches) * tokens // patches, tokens).float().T
+    row, column = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    block = (row // rows) * (side // columns) + column // columns
+    return F.one_hot(block.flatten(), tokens).float().T
+
+
+def space_to_heads(blocks: Tensor, heads: int) -> Tensor:
+    """[heads, tokens, patches]: the encoder mix's start, space-to-depth over heads of channels. Head h of a
+    token averages its share of the token's block (with as many heads as patches per block, one patch
+    each), so the patches of one block enter different channels instead of being averaged together."""
+    start = torch.zeros(heads, *blocks.shape)
+    for token, row in enumerate(blocks):
+        members = row.nonzero().flatten()
+        for head in range(heads):
+            share = members[[i for i in range(len(members)) if i * heads // len(members) == head]]
+            if len(share) == 0:  # more heads than patches in the block: head h reads patch h * n // heads
+                share = members[[head * len(members) // heads]]
+            start[head, token, share] = 1.0 / len(share)
+    return start
+
+
 def on_decoder_side(name: str) -> bool:
     """Whether a parameter or module name of Tokenizer1D belongs to the decoder (latents -> pixels)."""
     return name.split(".")[0] in DECODER_SIDE
@@ -236,7 +295,7 @@ class Tokenizer1D(nn.Module):
         token_scale = 0.02 if grid else 1.0
         self.patchify = nn.Conv2d(c.channels, c.width, c.patch_size, stride=c.patch_size)
         self.patch_pos = nn.Parameter(torch.randn(patches, c.width) * 0.02)
-        if not grid:
+        if c.layout == "1d":
             self.latent_tokens = nn.Parameter(torch.randn(c.num_tokens, c.width) * token_scale)
         self.encoder = Transformer(c)
         self.to_latent = nn.Linear(c.width, c.token_dim)
@@ -249,12 +308,17 @@ class Tokenizer1D(nn.Module):
         self.from_latent = nn.Linear(c.token_dim, c.width)
         self.latent_pos = nn.Parameter(torch.randn(c.num_tokens, c.width) * token_scale)
         if not grid:
-            self.mask_token = nn.Parameter(torch.randn(c.width) * 0.02)
+            if c.layout == "1d":
+                self.mask_token = nn.Parameter(torch.randn(c.width) * 0.02)
             self.mask_pos = nn.Parameter(torch.randn(patches, c.width) * 0.02)
             with torch.no_grad():  # overwritten after drawing, so every later parameter's seeded init is as before
                 self.patch_pos.copy_(grid_sincos(c.grid, c.width))
                 self.mask_pos.copy_(grid_sincos(c.grid, c.width))
         self.decoder = Transformer(c)
+        if c.layout == "1d-mix":  # drawn after the others, so the other layouts' seeded init is unchanged
+            blocks = block_assignment(c.grid, c.num_tokens)
+            self.token_mix = TokenMixer(patches, c.num_tokens, c.width, c.heads, space_to_heads(blocks, c.heads))
+            self.patch_unmix = TokenMixer(c.num_tokens, patches, c.width, c.heads, blocks.T)
         if c.teacher is None:
             self.to_pixels = nn.Linear(c.width, c.patch_size**2 * c.channels)
         else:  # two-stage: predict the teacher's latent at each patch, its decoder paints them
@@ -293,6 +357,8 @@ class Tokenizer1D(nn.Module):
         x = rearrange(self.patchify(images), "b c h w -> b (h w) c") + self.patch_pos
         if self.config.layout == "grid":  # one latent per patch, raster order
             return self.quantizer(self.to_latent(self.encoder(x, text)))
+        if self.config.layout == "1d-mix":
+            return self.quantizer(self.to_latent(self.token_mix(self.encoder(x, text))))
         latents = self.latent_tokens.expand(images.shape[0], -1, -1)
         x = self.encoder(torch.cat([x, latents], dim=1), text)
         return self.quantizer(self.to_latent(x[:, -self.config.num_tokens :]))
@@ -304,6 +370,8 @@ class Tokenizer1D(nn.Module):
         x = self.from_latent(latents) + self.latent_pos
         if c.layout == "grid":  # the latent grid is the patch sequence
             return self.decoder(x, text)
+        if c.layout == "1d-mix":
+            return self.decoder(self.patch_unmix(x) + self.mask_pos, text)
         masks = (self.mask_token + self.mask_pos).expand(latents.shape[0], -1, -1)
         return self.decoder(torch.cat([x, masks], dim=1), text)[:, c.num_tokens :]
 

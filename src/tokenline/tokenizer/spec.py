@@ -71,9 +71,9 @@ def check_two_stage_params(params: Params) -> None:
     if not params.tokenizer.train.proxy_steps:
         return
     student = tokenizer_config_values(params, text_dim=0)
-    if student.get("layout", "1d") != "1d":
+    if student.get("layout", "1d") == "grid":
         raise ValueError("tokenizer.train.proxy_steps > 0 trains a 1D tokenizer against the grid teacher: "
-                         "tokenizer.model.layout must be '1d'")
+                         "tokenizer.model.layout must be '1d' or '1d-mix'")
     if student.get("patch_size", TokenizerConfig.patch_size) != teacher.get("patch_size", TokenizerConfig.patch_size):
         raise ValueError(f"tokenizer.model.patch_size {student.get('patch_size', TokenizerConfig.patch_size)} and "
                          f"teacher_tokenizer.model.patch_size {teacher.get('patch_size', TokenizerConfig.patch_size)} "
