@@ -437,6 +437,7 @@ class Params(Section):
 QUIET_DEFAULTS: dict[tuple[str, ...], Any] = {
     ("tokenizer", "train", "freeze_encoder"): False,
     ("tokenizer", "train", "proxy_steps"): 0,
+    ("tokenizer", "train", "latent_noise"): 0.0,
     ("tokenizer", "init"): None,
     ("generator", "init"): None,
     ("generator", "train", "swap_weight"): 0.0,

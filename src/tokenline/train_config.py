@@ -110,6 +110,10 @@ class TrainConfig:
     # proxy_steps steps learn the teacher's latents, the rest fine-tune the decoder on pixels with
     # the encoder frozen. 0: pixels from the first step (and no teacher is needed).
     proxy_steps: StrictInt = 0
+    # A denoising decoder (l-DeTok's idea, on the decoder side): in the pixel phase the decoder reads
+    # latents + u * latent_noise * std(latents) * N(0, 1), u ~ U(0, 1) per image, so it learns to
+    # paint the latents a generator gets slightly wrong, not only the encoder's. 0: clean latents.
+    latent_noise: float = 0.0
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self):
@@ -117,12 +121,15 @@ class TrainConfig:
             self.loss = LossConfig(**self.loss)
         check_loop_settings(self)
         check_count(self, "proxy_steps", low=0)
+        if not 0 <= self.latent_noise <= 4:
+            raise ValueError(f"latent_noise must be in [0, 4] (latent standard deviations), not {self.latent_noise}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready fields; `proxy_steps` only when used, so older configs (and their hashes) stay as they were."""
+        """Plain JSON-ready fields; `proxy_steps` and `latent_noise` only when used, so older configs (and their hashes) stay as they were."""
         values = asdict(self)
-        if not values["proxy_steps"]:
-            del values["proxy_steps"]
+        for name in ("proxy_steps", "latent_noise"):
+            if not values[name]:
+                del values[name]
         return values
 
 

@@ -69,8 +69,9 @@ def test_loss_falls_and_checkpoint_is_the_ema(shard_dir, tmp_path):
 
 
 def test_resume_matches_a_straight_run(shard_dir, tmp_path):
+    # latent_noise draws from the torch RNG every step too
     straight = tiny_model(**RESTARTS)
-    train_tokenizer(straight, shard_dir, tmp_path / "straight", config(loss=EARLY_GAN))
+    train_tokenizer(straight, shard_dir, tmp_path / "straight", config(loss=EARLY_GAN, latent_noise=0.5))
 
     # Crash the second run at step 13: the state folder holds step 10, the run goes on from there.
     def crash(step, metrics):
@@ -78,12 +79,14 @@ def test_resume_matches_a_straight_run(shard_dir, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_tokenizer(tiny_model(**RESTARTS), shard_dir, tmp_path / "resumed", config(loss=EARLY_GAN), log_fn=crash)
+        train_tokenizer(tiny_model(**RESTARTS), shard_dir, tmp_path / "resumed", config(loss=EARLY_GAN, latent_noise=0.5),
+                        log_fn=crash)
     assert json.loads((tmp_path / "resumed" / "state" / PROGRESS).read_text())["step"] == 10
     assert (tmp_path / "resumed" / "state" / DISC_WEIGHTS).is_file()
     # A fresh, differently initialized model: everything must come from the state folder.
     resumed = tiny_model(seed=123, **RESTARTS)
-    result = train_tokenizer(resumed, shard_dir, tmp_path / "resumed", config(loss=EARLY_GAN), resume=True)
+    result = train_tokenizer(resumed, shard_dir, tmp_path / "resumed", config(loss=EARLY_GAN, latent_noise=0.5),
+                             resume=True)
     assert result["steps"] == 20
     disc_a = safetensors.torch.load_file(tmp_path / "straight" / "state" / DISC_WEIGHTS)
     disc_b = safetensors.torch.load_file(tmp_path / "resumed" / "state" / DISC_WEIGHTS)
@@ -99,6 +102,26 @@ def test_resume_matches_a_straight_run(shard_dir, tmp_path):
         ema_b = safetensors.torch.load_file(tmp_path / "resumed" / folder / name)
         for key in ema_a:
             assert torch.allclose(ema_a[key].float(), ema_b[key].float(), rtol=0, atol=1e-6), key
+
+
+def test_latent_noise_noises_each_image_by_its_own_share_of_the_latent_std():
+    from tokenline.tokenizer.model import noised
+
+    latents = torch.randn(4000, 32, 24) * 3.0
+    assert noised(latents, 0.0) is latents
+    torch.manual_seed(0)
+    noise = noised(latents, 0.5) - latents
+    per_image = noise.std(dim=(1, 2))
+    # u ~ U(0, 1) per image: strengths spread from ~0 to 0.5 * 3.0, mean square 0.5² * 3² / 3
+    assert per_image.min() < 0.05 and 1.4 < per_image.max() < 1.5 * 1.15  # a 768-value std wobbles a few %
+    assert abs(noise.square().mean().item() - 0.25 * 9 / 3) < 0.05
+
+
+def test_latent_noise_is_checked_and_left_out_of_configs_that_do_not_use_it():
+    assert "latent_noise" not in config().to_dict()  # older tokenizers' configs and hashes stay as they were
+    assert config(latent_noise=0.5).to_dict()["latent_noise"] == 0.5
+    with pytest.raises(ValueError, match="latent_noise must be in"):
+        config(latent_noise=-1.0)
 
 
 def test_resume_refuses_a_changed_config(shard_dir, tmp_path):

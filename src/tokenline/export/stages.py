@@ -17,6 +17,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from PIL import Image
 
@@ -55,17 +56,26 @@ class Shipment:
     onnx: str  # the export folder
     registry: str  # the registry stage's record
     model_suffix: str  # registered model tokenline-<dataset><suffix>
+    load: Callable[[Any, Path], tuple[object, SamplingOptions]]  # (params, folder) -> (model, its sampling)
 
     def sampling(self, params, folder: Path) -> tuple[object, SamplingOptions]:
-        """(model, the sampling it ships with): the profile's for the generator, the card's for a student."""
-        if self.checkpoint == "student":
-            model, card = load_student(folder)
-            return model, card.sampling(seed=params.generator.sample.seed)
-        return load_generator(folder), SamplingOptions(**params.generator.sample.model_dump())
+        """(model, the sampling it ships with) for the checkpoint in `folder`."""
+        return self.load(params, folder)
 
 
-GENERATOR = Shipment("generator", "gen_eval", "onnx", "registry", "")
-STUDENT = Shipment("student", "student_eval", "student_onnx", "student_registry", STUDENT_SUFFIX)
+def generator_sampling(params, folder: Path) -> tuple[object, SamplingOptions]:
+    """A generator and the profile's sampling (generator.sample)."""
+    return load_generator(folder), SamplingOptions(**params.generator.sample.model_dump())
+
+
+def student_sampling(params, folder: Path) -> tuple[object, SamplingOptions]:
+    """A student and its card's sampling (its steps and sampler, guidance 1), seeded as the generator's."""
+    model, card = load_student(folder)
+    return model, card.sampling(seed=params.generator.sample.seed)
+
+
+GENERATOR = Shipment("generator", "gen_eval", "onnx", "registry", "", generator_sampling)
+STUDENT = Shipment("student", "student_eval", "student_onnx", "student_registry", STUDENT_SUFFIX, student_sampling)
 
 
 def parity_prompts(tokens_dir: Path, count: int) -> list[str]:

@@ -387,15 +387,17 @@ class Tokenizer1D(nn.Module):
             return self.pixel_decoder(self.predict_teacher(latents, text))
         return patches_to_images(self.to_pixels(self._decode_patches(latents, text)), self.config)
 
-    def forward(self, images: Tensor, text=None, predict: str = "pixels") -> tuple[Tensor, QuantizerOutput]:
+    def forward(self, images: Tensor, text=None, predict: str = "pixels",
+                latent_noise: float = 0.0) -> tuple[Tensor, QuantizerOutput]:
         """Reconstruct images through the tokens: (reconstruction, quantizer output).
 
         predict="teacher" (two-stage only) returns the predicted teacher latents in place of pixels.
+        latent_noise > 0: the decoder reads noised latents (TrainConfig.latent_noise says how).
         """
         quantized = self.encode(images, text)
         if predict == "teacher":
             return self.predict_teacher(quantized.latents, text), quantized
-        return self.decode(quantized.latents, text), quantized
+        return self.decode(noised(quantized.latents, latent_noise), text), quantized
 
     @property
     def last_layer(self) -> nn.Linear:
@@ -414,6 +416,15 @@ class Tokenizer1D(nn.Module):
     def from_checkpoint(cls, folder: str | Path) -> Tokenizer1D:
         """Load a folder written by save_checkpoint, in eval mode."""
         return load_model(folder, TokenizerConfig.from_dict, cls, "tokenizer")
+
+
+def noised(latents: Tensor, scale: float) -> Tensor:
+    """latents + u * scale * std(latents) * N(0, 1), u ~ U(0, 1) per image (the std taken over the batch, without
+    gradient); `latents` itself when scale is 0."""
+    if not scale:
+        return latents
+    strength = torch.rand(latents.shape[0], *[1] * (latents.ndim - 1), device=latents.device, dtype=latents.dtype)
+    return latents + strength * scale * latents.detach().std() * torch.randn_like(latents)
 
 
 def grid_sincos(side: int, width: int) -> Tensor:

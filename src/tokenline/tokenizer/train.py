@@ -220,13 +220,14 @@ def _shard_loader(shard_dir: str | Path, config: TrainConfig, start: int, accele
 
 
 def _tokenizer_loss(model, raw_model: Tokenizer1D, images: Tensor, text, weights: LossConfig, perceptual,
-                    adversary: _Adversary | None, step: int) -> tuple[Tensor, Tensor, Any, dict[str, Tensor]]:
+                    adversary: _Adversary | None, step: int,
+                    latent_noise: float = 0.0) -> tuple[Tensor, Tensor, Any, dict[str, Tensor]]:
     """One pixel-phase step's loss: pixel terms (+ perceptual), the quantizer's, and after warm-up the adaptive GAN term.
 
     Returns (loss, reconstruction, the quantizer output, the terms by name); a `generator` term
     means the adversary is on this step.
     """
-    reconstruction, quantized = model(images, text)
+    reconstruction, quantized = model(images, text, latent_noise=latent_noise)
     # Reconstruction losses in float32 whatever the autocast precision.
     reconstruction = reconstruction.float()
     terms = pixel_losses(reconstruction, images, weights)
@@ -331,7 +332,8 @@ def train_tokenizer(
                 loss, quantized, terms = _proxy_step_loss(model, images, text, teacher)
             else:
                 loss, reconstruction, quantized, terms = _tokenizer_loss(model, raw_model, images, text, config.loss,
-                                                                         perceptual, adversary, loop.step)
+                                                                         perceptual, adversary, loop.step,
+                                                                         config.latent_noise)
             loop.refuse_non_finite(loss)
             accelerator.backward(loss)
             lr, grad_norm = apply_gradients(accelerator, model, optimizer, scheduler, config.grad_clip)
