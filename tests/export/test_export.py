@@ -127,12 +127,18 @@ def test_a_model_uri_or_a_missing_folder_is_one_line(tmp_path):
         assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
 
 
-def test_a_flow_pipeline_has_a_dynamic_batch(tmp_path, one_torch_thread):
+TINY_KL = dict(image_size=32, width=32, depth=1, heads=2, num_tokens=16, token_dim=4, quantizer="kl")
+# The cpu profile's tokenizer: K tokens by fixed mixing, two-stage, so its pixels come from a grid teacher's decoder.
+TWO_STAGE_MIX = dict(TINY_KL, layout="1d-mix",
+                     teacher=TokenizerConfig(**dict(TINY_KL, layout="grid", token_dim=6)).to_dict())
+
+
+@pytest.mark.parametrize("tokenizer_options", [TINY_KL, TWO_STAGE_MIX], ids=["1d", "1d-mix-two-stage"])
+def test_a_flow_pipeline_has_a_dynamic_batch(tmp_path, one_torch_thread, tokenizer_options):
     """A flow generator over kl latents: parity at batch 1 and at an odd batch (a batch baked in at export
-    time fails exactly there)."""
+    time fails exactly there), for the plain 1D tokenizer and for the demo's two-stage 1d-mix one."""
     torch.manual_seed(0)
-    tokenizer = Tokenizer1D(TokenizerConfig(image_size=32, width=32, depth=1, heads=2, num_tokens=16, token_dim=4,
-                                            quantizer="kl")).eval()
+    tokenizer = Tokenizer1D(TokenizerConfig(**tokenizer_options)).eval()
     generator = build_generator(GeneratorConfig(objective="flow", num_tokens=16, token_dim=4, width=32, depth=1,
                                                 heads=2, text_tokens=8, latent_mean=[0.1] * 4, latent_std=[2.0] * 4)).eval()
     with torch.no_grad():  # the zero-initialised heads would make every image the same
