@@ -128,7 +128,8 @@ def test_a_model_uri_or_a_missing_folder_is_one_line(tmp_path):
 
 
 TINY_KL = dict(image_size=32, width=32, depth=1, heads=2, num_tokens=16, token_dim=4, quantizer="kl")
-# The cpu profile's tokenizer: K tokens by fixed mixing, two-stage, so its pixels come from a grid teacher's decoder.
+# The cpu profile's tokenizer layout (K tokens by fixed mixing, two-stage, so its pixels come from a grid teacher's
+# decoder), here with kl latents for the flow pipeline (the profile itself uses vq codes and a masked generator).
 TWO_STAGE_MIX = dict(TINY_KL, layout="1d-mix",
                      teacher=TokenizerConfig(**dict(TINY_KL, layout="grid", token_dim=6)).to_dict())
 
@@ -136,7 +137,7 @@ TWO_STAGE_MIX = dict(TINY_KL, layout="1d-mix",
 @pytest.mark.parametrize("tokenizer_options", [TINY_KL, TWO_STAGE_MIX], ids=["1d", "1d-mix-two-stage"])
 def test_a_flow_pipeline_has_a_dynamic_batch(tmp_path, one_torch_thread, tokenizer_options):
     """A flow generator over kl latents: parity at batch 1 and at an odd batch (a batch baked in at export
-    time fails exactly there), for the plain 1D tokenizer and for the demo's two-stage 1d-mix one."""
+    time fails exactly there), for the plain 1D tokenizer and for a two-stage 1d-mix one (the demo's layout)."""
     torch.manual_seed(0)
     tokenizer = Tokenizer1D(TokenizerConfig(**tokenizer_options)).eval()
     generator = build_generator(GeneratorConfig(objective="flow", num_tokens=16, token_dim=4, width=32, depth=1,
