@@ -76,3 +76,24 @@ def test_small_sets_skip_kid_and_bad_shapes_are_named(metrics):
     with pytest.raises(ValueError, match="at least 2 real images"):
         GenerationMetrics(torch.zeros(1, 3, 32, 32))
     assert "24 real images" in metrics.protocol()
+
+
+def test_cached_features_equal_computed_ones_and_only_new_images_run_inception(metrics, tmp_path, monkeypatch):
+    images = shapes_images(6, seed=2)
+    cached = GenerationMetrics(shapes_images(4, seed=0), cache_dir=tmp_path)
+    first = cached.features(images)
+    assert torch.allclose(first, metrics.features(images), atol=1e-4)
+
+    # A fresh process's metrics on the same folder: the 6 known images come from disk, one changed image runs.
+    again = GenerationMetrics(shapes_images(4, seed=0), cache_dir=tmp_path)
+    forwarded: list[int] = []
+    real_forward = again._forward
+    monkeypatch.setattr(again, "_forward", lambda pixels: forwarded.append(len(pixels)) or real_forward(pixels))
+    assert torch.equal(again.features(images), first)
+    assert forwarded == []
+    changed = images.clone()
+    changed[3] = -changed[3]  # the negative of a scene
+    features = again.features(changed)
+    assert forwarded == [1]
+    assert torch.equal(features[[0, 1, 2, 4, 5]], first[[0, 1, 2, 4, 5]])
+    assert not torch.allclose(features[3], first[3])

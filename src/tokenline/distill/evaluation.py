@@ -40,10 +40,14 @@ def compare(student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, Any]:
     return {**student, **beside, "fid_ratio": ratio, "speedup": speedup}
 
 
-def steps_sweep(subject: Subject, metrics: GenerationMetrics, base: SamplingOptions, steps: list[int]) -> list[dict]:
-    """FID, NFE and ms/image of the student at each step count (one sampling setup measured once)."""
+def steps_sweep(subject: Subject, metrics: GenerationMetrics, base: SamplingOptions, steps: list[int],
+                measured: dict[str, Any]) -> list[dict]:
+    """FID, NFE and ms/image of the student at each step count; `measured` (the figures at `base`) is reused, not resampled."""
     rows = []
     for count in steps:
+        if count == base.steps:
+            rows.append({"steps": count, **{key: measured[key] for key in ("nfe", "fid", "ms_per_image")}})
+            continue
         images, ms, nfe = subject.generate(replace(base, steps=count))
         rows.append({"steps": count, "nfe": nfe, "fid": metrics.score(images)["fid"], "ms_per_image": ms})
     return rows

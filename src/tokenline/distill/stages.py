@@ -16,6 +16,7 @@ from tokenline.distill.teacher import Teacher, load_teacher, student_from_teache
 from tokenline.distill.watch import FidWatch
 from tokenline.generator.checkpoint import load_generator, save_generator
 from tokenline.eval.gates import scalar_figures
+from tokenline.eval.feature_cache import feature_cache_dir
 from tokenline.eval.generation import GenerationMetrics
 from tokenline.eval.stages import METRICS, Subject, reference_samples, save_prompt_sets
 from tokenline.generator.generate import SamplingOptions, generate_images
@@ -56,7 +57,7 @@ def fid_watch(ctx: StageContext, tokenizer: Tokenizer1D, sampling: SamplingOptio
     samples = reference_samples(ctx.inputs["shards"], ctx.inputs["captions"], w.samples)
     real = samples_to_batch(samples, tokenizer.config.image_size)
     watch = FidWatch(w.every, tokenizer, cached_text_encoder(ctx.root, ctx.params), [s["caption"] for s in samples],
-                     GenerationMetrics(real, kid_subset_size=len(samples)), sampling, work / "watch.json")
+                     GenerationMetrics(real, kid_subset_size=len(samples), cache_dir=feature_cache_dir(ctx.root)), sampling, work / "watch.json")
     if ctx.resume:
         watch.resume()
     return watch
@@ -126,7 +127,7 @@ def student_eval(ctx: StageContext) -> StageResult:
     real = samples_to_batch(samples, tokenizer.config.image_size)
     teacher_options = SamplingOptions(**{**card.teacher_sampling, "seed": ctx.params.generator.sample.seed})
     student_options = card.sampling(seed=ctx.params.generator.sample.seed)
-    metrics = GenerationMetrics(real, kid_subset_size=g.kid_subset_size)
+    metrics = GenerationMetrics(real, kid_subset_size=g.kid_subset_size, cache_dir=feature_cache_dir(ctx.root))
     shapes = ctx.params.dataset(ctx.dataset).source == "shapes"
     group = min(g.probe_group, len(prompts))
     teacher_subject = Subject(teacher.model, tokenizer, encoder, prompts, real, teacher_options)
@@ -134,7 +135,7 @@ def student_eval(ctx: StageContext) -> StageResult:
     teacher_figures, teacher_images = score(teacher_subject, metrics, teacher_options, ctx.inputs["probe"], group, shapes)
     student_figures, student_images = score(student_subject, metrics, student_options, ctx.inputs["probe"], group, shapes)
     report: dict = {"method": card.method, "steps": card.steps, **compare(student_figures, teacher_figures)}
-    sweep = steps_sweep(student_subject, metrics, student_options, ctx.params.student.eval_steps)
+    sweep = steps_sweep(student_subject, metrics, student_options, ctx.params.student.eval_steps, student_figures)
     report["sweep"] = sweep
     report["protocol"] = {"samples": len(samples), "reference": "gen_eval's: val split first, then train",
                           "student_sampling": student_options.describe(), "teacher_sampling": teacher_options.describe(),

@@ -19,12 +19,14 @@ numbers only between runs with the same reference set and sample count.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from tokenline.eval.fid_inception import inception_features
+from tokenline.eval.feature_cache import FeatureCache
+from tokenline.eval.fid_inception import fid_weights_cache, inception_features
 
 BATCH = 64  # images per Inception forward
 FID_MIN_SAMPLES = 2  # a covariance needs two images
@@ -51,13 +53,14 @@ def _sqrt_psd(matrix: Tensor) -> Tensor:
 
 class GenerationMetrics:
     """FID and KID of generated sets against one real set, whose Inception statistics are computed once."""
-    def __init__(self, real_images: Tensor, kid_subset_size: int = 1000, seed: int = 0):
-        """`real_images` [N, 3, H, W] in [-1, 1], N >= 2; KID subsets are drawn from `seed`."""
+    def __init__(self, real_images: Tensor, kid_subset_size: int = 1000, seed: int = 0, cache_dir: Path | None = None):
+        """`real_images` [N, 3, H, W] in [-1, 1], N >= 2; KID subsets are drawn from `seed`; features kept in `cache_dir` if given."""
         _check_images(real_images, "real")
         self.real_count = len(real_images)
         self.kid_subset_size = min(kid_subset_size, self.real_count)
         self.seed = seed
         self._inception = inception_features(2048)
+        self._cache = FeatureCache(cache_dir, fid_weights_cache().stem) if cache_dir is not None else None
         self._real = self.features(real_images)
         self._mu_real = self._real.mean(0)
         covariance = torch.cov(self._real.T)
@@ -66,8 +69,22 @@ class GenerationMetrics:
 
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
-        """2048-d Inception pool features (float64) of images in [-1, 1]."""
-        parts = [self._inception(_to_uint8(images[start : start + BATCH])) for start in range(0, len(images), BATCH)]
+        """2048-d Inception pool features (float64) of images in [-1, 1]; images met before are read from the cache."""
+        pixels = _to_uint8(images)
+        if self._cache is None:
+            return self._forward(pixels)
+        keys = self._cache.keys(pixels)
+        found = self._cache.load(keys)
+        todo = [row for row, key in enumerate(keys) if key not in found]
+        if todo:
+            fresh = self._forward(pixels[todo])
+            self._cache.store([keys[row] for row in todo], fresh)
+            found |= {keys[row]: feature for row, feature in zip(todo, fresh)}
+        return torch.stack([found[key] for key in keys])
+
+    def _forward(self, pixels: Tensor) -> Tensor:
+        """Inception features (float64) of uint8 images, in batches."""
+        parts = [self._inception(pixels[start : start + BATCH]) for start in range(0, len(pixels), BATCH)]
         return torch.cat(parts).double()
 
     def frechet_distance(self, fake: Tensor) -> float:

@@ -24,6 +24,7 @@ from tokenline.data.shards import iter_shard_samples
 from tokenline.eval import checks as eval_checks
 from tokenline.eval.clip_score import ClipScorer
 from tokenline.eval.compositional import ACCURACIES, score_images
+from tokenline.eval.feature_cache import feature_cache_dir
 from tokenline.eval.gates import scalar_figures
 from tokenline.eval.generation import GenerationMetrics
 from tokenline.eval.probe import (
@@ -200,7 +201,7 @@ def gen_eval(ctx: StageContext) -> StageResult:
     """FID/KID against real images, probe alignment, shapes accuracy and the steps/guidance/sampler sweeps."""
     p = ctx.params.gen_eval
     subject, samples, tokenizer_hash = _load_subject(ctx)
-    metrics = GenerationMetrics(subject.real, kid_subset_size=p.kid_subset_size)
+    metrics = GenerationMetrics(subject.real, kid_subset_size=p.kid_subset_size, cache_dir=feature_cache_dir(ctx.root))
     images, ms, nfe = subject.generate(subject.base)
     report: dict[str, Any] = {**metrics.score(images), "ms_per_image": ms, "nfe": nfe}
     alignment, group = probe_alignment(subject, images, ctx.inputs["probe"], p.probe_group)
